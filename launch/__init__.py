@@ -1,0 +1,1 @@
+"""Launch tools: Vertex AI custom jobs, TPU VMs and Cloud Storage staging."""

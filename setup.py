@@ -1,0 +1,42 @@
+"""depth2d: single-image depth networks trained on Record3D (iPhone LiDAR) captures."""
+
+import setuptools
+
+CORE = [
+    # TensorFlow 2.21 ships Keras 3 as tf.keras; the trainer relies on that.
+    "tensorflow>=2.21,<2.22",
+    "tensorboard>=2.21,<2.22",  # tf.summary needs it in TF 2.21
+    "tensorflow-datasets>=4.9.9,<5",
+    # `tfds build` (tensorflow-datasets 4.9.x) imports both at start-up.
+    "apache-beam>=2.60,<3",
+    "mlcroissant>=1.0,<2",
+    "absl-py>=2.1,<3",
+    "numpy>=1.26,<3",
+    "Pillow>=10,<14",
+    "lzfse>=0.4,<0.5",  # Record3D .r3d depth and confidence are LZFSE-compressed
+    "openexr>=3.2,<4",  # Record3D EXR exports and .exr depth in `pairs`
+    "google-cloud-storage>=2.18,<4",
+]
+
+CLOUD = [
+    "google-cloud-aiplatform>=1.70,<3",
+]
+
+TEST = CLOUD + [
+    "pytest>=8,<10",
+    "gcp-storage-emulator>=2024.0",
+]
+
+setuptools.setup(
+    name="depth2d",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["trainer", "trainer.*", "tfds_record3d", "tfds_record3d.*", "launch", "launch.*"]),
+    package_data={"tfds_record3d": ["**/dummy_data/**/*", "**/*.txt", "**/*.tsv"]},
+    include_package_data=True,
+    install_requires=CORE,
+    extras_require={"cloud": CLOUD, "test": TEST},
+)

@@ -1,0 +1,1 @@
+"""depth2d trainer: seed depth networks with a custom tf.distribute loop."""
