@@ -1,0 +1,205 @@
+"""Depth image operations: Sobel gradient target, mask-aware resizing, colourising.
+
+Conventions used throughout the trainer:
+- Depth is float32 in meters. A pixel is *invalid* when its depth is 0, negative
+  or not finite (Record3D writes NaN or 0 where the LiDAR has no return).
+- Tensors are NHWC: depth [B, H, W, 1], masks [B, H, W, 1] (float 0/1 or bool).
+
+Everything except `colourize` on numpy input is pure TensorFlow and works in graph
+mode with dynamic shapes (inside `tf.data` and `strategy.run`).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+# Sobel kernels (cross-correlation, as tf.nn.conv2d computes it). d/dx: columns,
+# d/dy: rows. Each kernel is a central difference over 2 pixels (factor 2) smoothed
+# by [1, 2, 1] (factor 4): on a ramp of slope s meters/pixel it gives 8 * s.
+_SOBEL_X = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], np.float32)
+_SOBEL_Y = _SOBEL_X.T.copy()
+# Dividing by this makes the magnitude meters per pixel.
+SOBEL_NORMALISER = 8.0
+
+
+def valid_depth_mask(depth):
+  """Float32 mask (same shape as `depth`): 1 where depth is finite and > 0."""
+  depth = tf.convert_to_tensor(depth)
+  depth = tf.cast(depth, tf.float32)
+  return tf.cast(tf.math.is_finite(depth) & (depth > 0.0), tf.float32)
+
+
+def sobel_magnitude(depth, valid_mask):
+  """Sobel gradient magnitude of a depth map, masked.
+
+  Args:
+    depth: [B, H, W, 1] depth in meters (any float dtype; invalid values may be
+      NaN / 0, they are never read because they are replaced by 0 under the mask).
+    valid_mask: [B, H, W, 1] float or bool, 1 where `depth` is valid.
+
+  Returns:
+    (magnitude, magnitude_mask), both [B, H, W, 1] float32.
+    magnitude = sqrt(gx^2 + gy^2) / 8 in METERS PER PIXEL (the 3x3 Sobel kernel
+    answers 8 * slope on a linear ramp; we divide that factor out). Note that
+    meters per pixel depend on the image resolution: the same scene resized to
+    half the size has twice the gradient.
+    magnitude_mask is 1 only where the whole 3x3 neighbourhood is valid and
+    inside the image: the edges of invalid holes (and the image border) would
+    otherwise produce fake, huge gradients. magnitude is 0 wherever the mask is 0.
+  """
+  depth = tf.cast(depth, tf.float32)
+  mask = tf.cast(valid_mask, tf.float32)
+  # tf.where (not multiplication): NaN * 0 is still NaN.
+  depth = tf.where(mask > 0.0, depth, tf.zeros_like(depth))
+  kernels = tf.constant(np.stack([_SOBEL_X, _SOBEL_Y], axis=-1)[:, :, None, :])  # [3,3,1,2]
+  grads = tf.nn.conv2d(depth, kernels, strides=1, padding="SAME")  # [B,H,W,2]
+  magnitude = tf.norm(grads, axis=-1, keepdims=True) / SOBEL_NORMALISER
+  # Count valid neighbours with a 3x3 box filter; zero padding counts the
+  # outside of the image as invalid.
+  neighbours = tf.nn.conv2d(mask, tf.ones([3, 3, 1, 1], tf.float32), strides=1,
+                            padding="SAME")
+  magnitude_mask = tf.cast(neighbours > 8.5, tf.float32)
+  return magnitude * magnitude_mask, magnitude_mask
+
+
+def _to_nhwc(image):
+  """Returns (image as [B,H,W,C], function restoring the original rank)."""
+  rank = image.shape.rank
+  if rank == 2:  # [H, W]
+    return image[None, :, :, None], lambda x: x[0, :, :, 0]
+  if rank == 3:  # [H, W, C]
+    return image[None], lambda x: x[0]
+  if rank == 4:
+    return image, lambda x: x
+  raise ValueError(f"depth must have rank 2, 3 or 4 (got shape {image.shape})")
+
+
+RESIZE_METHODS = ("nearest", "valid_average")
+
+
+def resize_depth(depth, size, method="nearest", min_weight=0.5):
+  """Resizes depth so that invalid pixels never bleed into valid ones.
+
+  Args:
+    depth: [H, W], [H, W, 1] or [B, H, W, 1] depth in meters; invalid = 0 / NaN
+      / negative. Shapes may be dynamic (tf.data graph mode). Integer depth
+      (e.g. raw uint16 PNG units) is cast to float32.
+    size: (height, width) of the output (ints or scalar tensors).
+    method: "nearest": every output pixel copies one input pixel (invalid stays
+      invalid, no mixing at all; may alias when downsampling a lot).
+      "valid_average": area average of the VALID pixels only (sum of depth *
+      mask divided by the resized mask), marked invalid where the valid fraction
+      of the footprint is below `min_weight`. Averages across depth edges as any
+      area filter does, but never averages with holes.
+    min_weight: for "valid_average", the minimum fraction of valid input pixels
+      under an output pixel for it to be valid (0 < min_weight <= 1).
+
+  Returns:
+    float32 depth with the same rank as the input and the new size; invalid
+    output pixels are exactly 0.
+  """
+  if method not in RESIZE_METHODS:
+    raise ValueError(f"Unknown resize method {method!r}; valid: {RESIZE_METHODS}")
+  depth = tf.cast(tf.convert_to_tensor(depth), tf.float32)
+  depth, restore = _to_nhwc(depth)
+  mask = valid_depth_mask(depth)
+  depth = tf.where(mask > 0.0, depth, tf.zeros_like(depth))
+  if method == "nearest":
+    out = tf.image.resize(depth, size, method="nearest")
+  else:
+    # 'area' averages the input pixels under each output pixel (and behaves
+    # like nearest when upsampling); dividing by the averaged mask gives the
+    # mean of the valid pixels only.
+    weighted = tf.image.resize(depth, size, method="area")
+    weight = tf.image.resize(mask, size, method="area")
+    out = tf.where(weight >= min_weight, tf.math.divide_no_nan(weighted, weight),
+                   tf.zeros_like(weighted))
+  return restore(out)
+
+
+# A "turbo-like" rainbow (dark blue -> blue -> cyan -> green -> yellow -> orange
+# -> dark red) defined by hand-picked anchor colours and linear interpolation to
+# 256 entries. It is not Google's Turbo table, only close in spirit, and avoids a
+# matplotlib dependency. Anchors: (position, R, G, B) in [0, 1].
+_TURBO_LIKE_ANCHORS = np.array([
+    (0.00, 0.19, 0.07, 0.23),
+    (0.10, 0.27, 0.29, 0.72),
+    (0.22, 0.25, 0.55, 0.98),
+    (0.35, 0.10, 0.85, 0.85),
+    (0.48, 0.30, 0.98, 0.45),
+    (0.60, 0.72, 0.96, 0.20),
+    (0.70, 0.97, 0.80, 0.20),
+    (0.80, 0.99, 0.52, 0.12),
+    (0.90, 0.86, 0.22, 0.04),
+    (1.00, 0.48, 0.02, 0.01),
+], np.float64)
+
+
+def _colour_table(cmap):
+  """[256, 3] uint8 colour table."""
+  x = np.linspace(0.0, 1.0, 256)
+  if cmap == "turbo":
+    anchors = _TURBO_LIKE_ANCHORS
+    rgb = np.stack([np.interp(x, anchors[:, 0], anchors[:, c]) for c in (1, 2, 3)], -1)
+  elif cmap == "gray":
+    rgb = np.stack([x, x, x], -1)
+  else:
+    raise ValueError(f"Unknown colormap {cmap!r}; valid: ('turbo', 'gray')")
+  return np.round(rgb * 255.0).astype(np.uint8)
+
+
+COLOUR_TABLES = {name: _colour_table(name) for name in ("turbo", "gray")}
+
+
+def colourize(depth, vmin=None, vmax=None, cmap="turbo"):
+  """Maps depth to RGB with a fixed colour table; invalid pixels are black.
+
+  Args:
+    depth: [..., H, W] or [..., H, W, 1] depth (numpy array or tf tensor).
+    vmin, vmax: the depth mapped to the first / last colour. Pass the SAME
+      values for every image of a grid (RGB / ground truth / prediction) so the
+      colours are comparable. None: min / max over the valid pixels of `depth`.
+    cmap: "turbo" (turbo-like rainbow, near = blue, far = red) or "gray".
+
+  Returns:
+    uint8 [..., H, W, 3]: a numpy array for numpy input, a tf tensor otherwise
+    (graph-mode friendly, for TensorBoard image summaries).
+  """
+  table = COLOUR_TABLES.get(cmap)
+  if table is None:
+    raise ValueError(f"Unknown colormap {cmap!r}; valid: {tuple(COLOUR_TABLES)}")
+  if isinstance(depth, np.ndarray) or np.isscalar(depth):
+    return _colourize_numpy(np.asarray(depth, np.float32), vmin, vmax, table)
+  return _colourize_tf(tf.cast(depth, tf.float32), vmin, vmax, table)
+
+
+def _colourize_numpy(depth, vmin, vmax, table):
+  if depth.ndim >= 3 and depth.shape[-1] == 1:
+    depth = depth[..., 0]
+  valid = np.isfinite(depth) & (depth > 0)
+  if vmin is None:
+    vmin = float(depth[valid].min()) if valid.any() else 0.0
+  if vmax is None:
+    vmax = float(depth[valid].max()) if valid.any() else 1.0
+  scale = max(float(vmax) - float(vmin), 1e-12)
+  t = np.clip((np.where(valid, depth, vmin) - vmin) / scale, 0.0, 1.0)
+  rgb = table[np.round(t * 255.0).astype(np.int32)]
+  return np.where(valid[..., None], rgb, np.uint8(0)).astype(np.uint8)
+
+
+def _colourize_tf(depth, vmin, vmax, table):
+  if depth.shape.rank is not None and depth.shape.rank >= 3 and depth.shape[-1] == 1:
+    depth = depth[..., 0]
+  valid = tf.math.is_finite(depth) & (depth > 0.0)
+  big = tf.constant(np.finfo(np.float32).max, tf.float32)
+  if vmin is None:
+    vmin = tf.reduce_min(tf.where(valid, depth, big))
+    vmin = tf.where(tf.reduce_any(valid), vmin, 0.0)
+  if vmax is None:
+    vmax = tf.reduce_max(tf.where(valid, depth, -big))
+    vmax = tf.where(tf.reduce_any(valid), vmax, 1.0)
+  vmin = tf.cast(vmin, tf.float32)
+  vmax = tf.cast(vmax, tf.float32)
+  scale = tf.maximum(vmax - vmin, 1e-12)
+  t = tf.clip_by_value((tf.where(valid, depth, vmin) - vmin) / scale, 0.0, 1.0)
+  rgb = tf.gather(tf.constant(table), tf.cast(tf.round(t * 255.0), tf.int32))
+  return tf.where(valid[..., None], rgb, tf.zeros_like(rgb))

@@ -1,0 +1,111 @@
+"""Standard single-image depth metrics (Eigen et al. 2014; BTS `compute_errors`).
+
+`depth_metrics` is TensorFlow (it runs on replicas inside `strategy.run`) and
+returns PER-IMAGE values; `accumulate` / `finalize` average them over images
+on the host, skipping images without any valid pixel. Per image, then averaged
+over images, as BTS does (not pooled over all pixels of the split).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+METRIC_NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "delta1",
+                "delta2", "delta3", "silog", "mse")
+# Also in the per-image dict: the number of valid pixels of each image.
+NUM_VALID = "num_valid"
+# In `finalize`'s result: how many images were averaged.
+NUM_IMAGES = "num_images"
+
+
+def depth_metrics(gt, pred, min_depth=1e-3, max_depth=10.0):
+  """Per-image depth metrics.
+
+  Args:
+    gt: [B, H, W] or [B, H, W, 1] ground truth depth in meters; pixels outside
+      (min_depth, max_depth) or not finite are excluded.
+    pred: predicted depth, same shape (any float dtype); clipped to
+      [min_depth, max_depth] before the errors (BTS), so a 0 prediction is
+      finite in the log metrics.
+    min_depth, max_depth: valid range in meters.
+
+  Returns:
+    dict name -> float32 [B] for every name in METRIC_NAMES, plus NUM_VALID
+    (valid pixel count, float32 [B]). Images with no valid pixel give 0 for
+    every metric and num_valid 0: exclude them when averaging (see accumulate).
+    Units: rmse in meters, mse (the seed's metric, after clipping) in meters^2,
+    sq_rel in meters, silog = 100 * sqrt(var(ln p - ln g)), deltas are fractions.
+  """
+  gt = tf.cast(gt, tf.float32)
+  pred = tf.cast(pred, tf.float32)
+  if gt.shape.rank == 4:
+    gt = gt[..., 0]
+  if pred.shape.rank == 4:
+    pred = pred[..., 0]
+  valid = tf.math.is_finite(gt) & (gt > min_depth) & (gt < max_depth)
+  mask = tf.cast(valid, tf.float32)  # [B, H, W]
+  # Invalid pixels get g = p = 1 so that logs and divisions stay finite; the
+  # mask removes them from every sum.
+  g = tf.where(valid, gt, 1.0)
+  p = tf.where(valid, tf.clip_by_value(pred, min_depth, max_depth), 1.0)
+
+  count = tf.reduce_sum(mask, axis=[1, 2])  # [B]
+
+  def mean(x):
+    return tf.math.divide_no_nan(tf.reduce_sum(x * mask, axis=[1, 2]), count)
+
+  diff = g - p
+  log_diff = tf.math.log(p) - tf.math.log(g)  # d = ln p - ln g
+  ratio = tf.maximum(g / p, p / g)
+  mse = mean(tf.square(diff))
+  mean_log_diff = mean(log_diff)
+  ln10 = tf.math.log(10.0)
+  return {
+      "abs_rel": mean(tf.abs(diff) / g),
+      "sq_rel": mean(tf.square(diff) / g),
+      "rmse": tf.sqrt(mse),
+      "rmse_log": tf.sqrt(mean(tf.square(log_diff))),
+      "log10": mean(tf.abs(log_diff) / ln10),
+      "delta1": mean(tf.cast(ratio < 1.25, tf.float32)),
+      "delta2": mean(tf.cast(ratio < 1.25**2, tf.float32)),
+      "delta3": mean(tf.cast(ratio < 1.25**3, tf.float32)),
+      # max(., 0): rounding can make the variance slightly negative.
+      "silog": 100.0 * tf.sqrt(tf.maximum(
+          mean(tf.square(log_diff)) - tf.square(mean_log_diff), 0.0)),
+      "mse": mse,
+      NUM_VALID: count,
+  }
+
+
+def accumulate(sums, per_image):
+  """Adds one batch of per-image metrics to running sums; returns new sums.
+
+  Args:
+    sums: the previous result of `accumulate`, or {} / None to start.
+    per_image: dict name -> [B] values (numpy arrays or eager tensors), as
+      returned by `depth_metrics` (gathered from all replicas). Images with
+      num_valid == 0 are skipped.
+
+  Returns:
+    A new dict with, for every metric, the sum over counted images, and
+    NUM_IMAGES, the number of counted images. `sums` is not modified.
+  """
+  sums = dict(sums or {})
+  counted = np.asarray(per_image[NUM_VALID]).reshape(-1) > 0
+  for name in METRIC_NAMES:
+    values = np.asarray(per_image[name], np.float64).reshape(-1)
+    sums[name] = sums.get(name, 0.0) + float(values[counted].sum())
+  sums[NUM_IMAGES] = sums.get(NUM_IMAGES, 0) + int(counted.sum())
+  return sums
+
+
+def finalize(sums):
+  """Mean of each metric over the counted images: dict name -> float.
+
+  Includes NUM_IMAGES. With no counted image every metric is NaN.
+  """
+  sums = sums or {}
+  n = sums.get(NUM_IMAGES, 0)
+  result = {name: (sums.get(name, 0.0) / n if n else float("nan"))
+            for name in METRIC_NAMES}
+  result[NUM_IMAGES] = n
+  return result
