@@ -76,6 +76,25 @@ def depth_metrics(gt, pred, min_depth=1e-3, max_depth=10.0):
   }
 
 
+def edge_metrics(target, pred, mask):
+  """Per-image metric of the gradient stage, judged on its own target.
+
+  Args:
+    target: [B, H, W, 1] Sobel magnitude of the ground-truth depth.
+    pred: the gradient network's output, same shape.
+    mask: [B, H, W, 1], 1 where the target is defined.
+
+  Returns:
+    dict: edge_rmse [B] (RMSE over the masked pixels) and NUM_VALID [B].
+  """
+  target = tf.cast(target, tf.float32)
+  pred = tf.cast(pred, tf.float32)
+  mask = tf.cast(mask, tf.float32)
+  count = tf.reduce_sum(mask, axis=[1, 2, 3])
+  squared = tf.reduce_sum(mask * tf.square(target - pred), axis=[1, 2, 3])
+  return {"edge_rmse": tf.sqrt(tf.math.divide_no_nan(squared, count)), NUM_VALID: count}
+
+
 def accumulate(sums, per_image):
   """Adds one batch of per-image metrics to running sums; returns new sums.
 
@@ -91,7 +110,9 @@ def accumulate(sums, per_image):
   """
   sums = dict(sums or {})
   counted = np.asarray(per_image[NUM_VALID]).reshape(-1) > 0
-  for name in METRIC_NAMES:
+  for name in per_image:
+    if name == NUM_VALID:
+      continue
     values = np.asarray(per_image[name], np.float64).reshape(-1)
     sums[name] = sums.get(name, 0.0) + float(values[counted].sum())
   sums[NUM_IMAGES] = sums.get(NUM_IMAGES, 0) + int(counted.sum())
@@ -105,7 +126,7 @@ def finalize(sums):
   """
   sums = sums or {}
   n = sums.get(NUM_IMAGES, 0)
-  result = {name: (sums.get(name, 0.0) / n if n else float("nan"))
-            for name in METRIC_NAMES}
+  names = [name for name in sums if name != NUM_IMAGES] or METRIC_NAMES
+  result = {name: (sums.get(name, 0.0) / n if n else float("nan")) for name in names}
   result[NUM_IMAGES] = n
   return result

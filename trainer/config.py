@@ -1,0 +1,192 @@
+"""The training configuration: absl flags in, one frozen dataclass out.
+
+Every run writes its resolved configuration to `<model_dir>/config.json`, so
+the workdir says exactly what produced it; `--flagfile` replays a saved set.
+"""
+
+import dataclasses
+import json
+from typing import Optional, Tuple
+
+from absl import flags
+
+STAGE_CHOICES = ("rough", "gradient", "finetune", "all")
+MODE_CHOICES = ("train", "eval", "train_and_eval", "export")
+PRECISION_CHOICES = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+SCHEDULE_CHOICES = ("constant", "cosine", "warmup_cosine")
+LOSS_CHOICES = ("mse", "l1", "silog")
+STRATEGY_CHOICES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+ARCHITECTURE_CHOICES = ("seed", "unet")
+RESIZE_CHOICES = ("nearest", "valid_average")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run depends on. Field docs are the flags' --help texts."""
+  model_dir: str
+  checkpoint_dir: Optional[str] = None
+  tensorboard_dir: Optional[str] = None
+  # Data.
+  dataset: str = "record3d/synthetic"
+  data_dir: Optional[str] = None
+  manual_dir: Optional[str] = None
+  image_size: Tuple[int, int] = (128, 96)
+  depth_resize: str = "valid_average"
+  min_depth: float = 0.1
+  max_depth: float = 10.0
+  augment: bool = True
+  shuffle_buffer: int = 256
+  # Model.
+  stage: str = "all"
+  architecture: str = "unet"
+  freeze_gradient: bool = True
+  # Optimisation.
+  global_batch_size: int = 8
+  train_steps: int = 1000
+  learning_rate: float = 2e-3
+  lr_schedule: str = "warmup_cosine"
+  warmup_steps: int = 50
+  loss: str = "l1"
+  gradient_matching_weight: float = 0.5
+  seed: int = 0
+  # Loop.
+  mode: str = "train_and_eval"
+  steps_per_loop: int = 10
+  log_every_steps: int = 50
+  eval_every_steps: int = 0
+  checkpoint_every_steps: int = 200
+  keep_checkpoints: int = 3
+  eval_split: str = "test"
+  num_eval_examples: int = 0
+  num_image_summaries: int = 4
+  # Distribution.
+  strategy: str = "auto"
+  num_devices: Optional[int] = None
+  tpu: Optional[str] = None
+  mixed_precision: str = "auto"
+  # Demo chain after `--stage=all`: export, predict a few test images, report.
+  num_predict_images: int = 4
+
+  def stage_dir(self, stage: str) -> str:
+    return f"{self.model_dir.rstrip('/')}/{stage}"
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def parse_image_size(text: str) -> Tuple[int, int]:
+  try:
+    height, width = (int(v) for v in text.split(","))
+  except ValueError:
+    raise ValueError(f"--image_size={text!r} must be H,W (two integers), e.g. 128,96")
+  if height < 8 or width < 8:
+    raise ValueError(f"--image_size={text!r}: both sides must be at least 8 pixels")
+  return height, width
+
+
+def define_flags() -> None:
+  """Declares the trainer's flags (idempotent, so tests can import main twice)."""
+  if "model_dir" in flags.FLAGS:
+    return
+  default = Config(model_dir="")
+  f = flags
+  f.DEFINE_string("model_dir", None,
+                  "Workdir: checkpoints, summaries, metrics, config.json and exports "
+                  "go here (one subfolder per stage). Local path or gs://. On Vertex AI "
+                  "it defaults to AIP_MODEL_DIR.")
+  f.DEFINE_string("checkpoint_dir", None, "Checkpoints (default <model_dir>/<stage>/checkpoints; "
+                  "on Vertex AI, AIP_CHECKPOINT_DIR/<stage>).")
+  f.DEFINE_string("tensorboard_dir", None, "TensorBoard logs (default <model_dir>/<stage>/tensorboard; "
+                  "on Vertex AI, AIP_TENSORBOARD_LOG_DIR/<stage>).")
+  f.DEFINE_string("dataset", default.dataset, "TFDS name, e.g. record3d/synthetic, record3d/pairs, "
+                  "record3d/r3d. It is built first if missing from --data_dir.")
+  f.DEFINE_string("data_dir", default.data_dir, "TFDS data_dir (default: TFDS' own, ~/tensorflow_datasets).")
+  f.DEFINE_string("manual_dir", default.manual_dir, "Manual folder for building record3d/pairs or "
+                  "record3d/r3d when it is not yet prepared.")
+  f.DEFINE_string("image_size", ",".join(map(str, default.image_size)),
+                  "Training size H,W; RGB and depth are resized to it (portrait 4:3 keeps "
+                  "Record3D's aspect).")
+  f.DEFINE_enum("depth_resize", default.depth_resize, RESIZE_CHOICES,
+                "How depth is resized: nearest, or an average over valid pixels only; both "
+                "keep invalid (0) pixels from bleeding into valid ones.")
+  f.DEFINE_float("min_depth", default.min_depth, "Depth below this (m) is invalid in losses and metrics.")
+  f.DEFINE_float("max_depth", default.max_depth, "Depth above this (m) is invalid in losses and metrics.")
+  f.DEFINE_bool("augment", default.augment, "Horizontal flip and colour jitter on training examples.")
+  f.DEFINE_integer("shuffle_buffer", default.shuffle_buffer, "Training shuffle buffer (examples).")
+  f.DEFINE_enum("stage", default.stage, STAGE_CHOICES,
+                "rough: the seed's baseline net; gradient: predicts the Sobel edges of depth; "
+                "finetune: depth net fed with the trained gradient net's output; all: "
+                "gradient, then finetune, then rough for comparison, each in <model_dir>/<stage>.")
+  f.DEFINE_enum("architecture", default.architecture, ARCHITECTURE_CHOICES,
+                "seed: the notebook's body exactly (no downsampling, ~0.41 M MACs/pixel); "
+                "unet: encoder-decoder with skips, far cheaper (see README Performance).")
+  f.DEFINE_bool("freeze_gradient", default.freeze_gradient,
+                "Finetune stage: keep the gradient net's weights fixed.")
+  f.DEFINE_integer("global_batch_size", default.global_batch_size,
+                   "Examples per step over all replicas; must divide by the replica count.")
+  f.DEFINE_integer("train_steps", default.train_steps, "Optimizer steps per stage.")
+  f.DEFINE_float("learning_rate", default.learning_rate, "Peak learning rate (Adam).")
+  f.DEFINE_enum("lr_schedule", default.lr_schedule, SCHEDULE_CHOICES, "Learning-rate schedule.")
+  f.DEFINE_integer("warmup_steps", default.warmup_steps, "Linear warm-up steps for warmup_cosine.")
+  f.DEFINE_enum("loss", default.loss, LOSS_CHOICES,
+                "Depth loss over valid pixels: mse (the seed's), l1, silog (Eigen "
+                "scale-invariant log). The gradient stage always uses mse on Sobel edges.")
+  f.DEFINE_float("gradient_matching_weight", default.gradient_matching_weight,
+                 "Weight of the multi-scale gradient-matching term added to the depth loss.")
+  f.DEFINE_integer("seed", default.seed, "Random seed (weights, shuffling, augmentation).")
+  f.DEFINE_enum("mode", default.mode, MODE_CHOICES,
+                "train, eval (latest checkpoint), train_and_eval, or export (latest checkpoint "
+                "to <model_dir>/export).")
+  f.DEFINE_integer("steps_per_loop", default.steps_per_loop,
+                   "Train steps run inside one tf.function call (host round trips are costly on TPU).")
+  f.DEFINE_integer("log_every_steps", default.log_every_steps, "Log loss, examples/s and time left.")
+  f.DEFINE_integer("eval_every_steps", default.eval_every_steps,
+                   "Evaluate during training every N steps (0: only at the end).")
+  f.DEFINE_integer("checkpoint_every_steps", default.checkpoint_every_steps,
+                   "Save a checkpoint every N steps (and always at the end).")
+  f.DEFINE_integer("keep_checkpoints", default.keep_checkpoints, "Checkpoints kept per stage.")
+  f.DEFINE_string("eval_split", default.eval_split, "Split evaluated (test, validation, ...).")
+  f.DEFINE_integer("num_eval_examples", default.num_eval_examples,
+                   "Evaluate on at most this many examples (0: the whole split).")
+  f.DEFINE_integer("num_image_summaries", default.num_image_summaries,
+                   "Test images shown in TensorBoard and kept for the comparison grid.")
+  f.DEFINE_enum("strategy", default.strategy, STRATEGY_CHOICES,
+                "tf.distribute strategy; auto: TPU if found, multi-worker if TF_CONFIG names "
+                "a cluster, mirrored with several GPUs, else one device.")
+  f.DEFINE_integer("num_devices", default.num_devices,
+                   "Local devices for --strategy=mirrored (default: all GPUs).")
+  f.DEFINE_string("tpu", default.tpu, "TPU name, or 'local' on a TPU VM.")
+  f.DEFINE_enum("mixed_precision", default.mixed_precision, PRECISION_CHOICES,
+                "auto: mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU.")
+  f.DEFINE_integer("num_predict_images", default.num_predict_images,
+                   "--stage=all: test images run through the exported model with trainer.predict.")
+
+
+def config_from_flags(values: flags.FlagValues, model_dir: str,
+                      checkpoint_dir: Optional[str], tensorboard_dir: Optional[str]) -> Config:
+  """Builds and validates the Config; directories come resolved (flags or Vertex AI)."""
+  names = {f.name for f in dataclasses.fields(Config)}
+  kwargs = {name: values[name].value for name in names if name in values}
+  kwargs.update(model_dir=model_dir, checkpoint_dir=checkpoint_dir,
+                tensorboard_dir=tensorboard_dir,
+                image_size=parse_image_size(values.image_size))
+  config = Config(**kwargs)
+  validate(config)
+  return config
+
+
+def validate(config: Config) -> None:
+  """Errors that name the flag, raised before any work is done."""
+  positive = ("global_batch_size", "train_steps", "steps_per_loop", "log_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints")
+  for name in positive:
+    if getattr(config, name) < 1:
+      raise ValueError(f"--{name} must be at least 1, got {getattr(config, name)}")
+  if config.learning_rate <= 0:
+    raise ValueError(f"--learning_rate must be positive, got {config.learning_rate}")
+  if not 0 < config.min_depth < config.max_depth:
+    raise ValueError(f"need 0 < --min_depth < --max_depth, got {config.min_depth}, {config.max_depth}")
+  if config.eval_every_steps < 0 or config.num_eval_examples < 0:
+    raise ValueError("--eval_every_steps and --num_eval_examples must be >= 0")
+  if config.warmup_steps < 0:
+    raise ValueError(f"--warmup_steps must be >= 0, got {config.warmup_steps}")

@@ -1,0 +1,187 @@
+"""tf.data input pipeline from the TFDS `record3d` dataset (or any TFDS name with
+the same features: `image` uint8 [H,W,3], `depth` float32 meters [Hd,Wd], 0 invalid).
+
+Each element after `preprocess` is a dict of float32 tensors at the training size:
+  image [H,W,3] in [0,1]; depth [H,W,1] meters (0 invalid); mask [H,W,1] in {0,1};
+  target [H,W,1] / target_mask [H,W,1]: depth itself, or its Sobel magnitude for the
+  gradient stage (computed here, on the fly).
+"""
+
+import math
+from typing import Optional
+
+from absl import logging
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from trainer import depth_ops
+from trainer.config import Config
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+# ----------------------------------------------------------------------------
+# The TFDS source.
+# ----------------------------------------------------------------------------
+def _register_builders(dataset: str) -> None:
+  if dataset.split("/")[0] == "record3d":
+    import tfds_record3d  # pylint: disable=g-import-not-at-top,unused-import  # registers `record3d`
+
+
+def get_builder(config: Config) -> tfds.core.DatasetBuilder:
+  _register_builders(config.dataset)
+  return tfds.builder(config.dataset, data_dir=config.data_dir)
+
+
+def prepare_dataset(config: Config, may_build: bool) -> tfds.core.DatasetBuilder:
+  """Returns the builder, building the dataset first when it is missing.
+
+  Only one process may build (`may_build`, the chief): several workers
+  writing the same TFDS folder would corrupt it.
+  """
+  builder = get_builder(config)
+  if builder.is_prepared():
+    return builder
+  if not may_build:
+    raise FileNotFoundError(
+        f"{config.dataset} is not prepared in {builder.data_dir} and only the chief may "
+        "build it; prepare it first (`tfds build`, see README) or let the chief run alone")
+  logging.info("%s is not prepared in %s: building it now (this runs once).",
+               config.dataset, builder.data_dir)
+  download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir)
+  builder.download_and_prepare(download_config=download_config)
+  return builder
+
+
+def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  if split not in builder.info.splits:
+    raise ValueError(f"split {split!r} is not in {builder.info.full_name}: "
+                     f"available {sorted(builder.info.splits)}")
+  return builder.info.splits[split].num_examples
+
+
+# ----------------------------------------------------------------------------
+# Per-example preprocessing (pure tensor functions).
+# ----------------------------------------------------------------------------
+def preprocess(example: dict, config: Config, stage: str, training: bool,
+               seed: Optional[tf.Tensor] = None) -> dict:
+  """Decoded TFDS example -> training tensors (see module docstring)."""
+  image = tf.image.convert_image_dtype(example["image"], tf.float32)  # [Hi,Wi,3] in [0,1]
+  image = tf.image.resize(image, config.image_size, method="bilinear", antialias=True)
+  image = tf.clip_by_value(image, 0.0, 1.0)  # antialiasing can overshoot slightly
+
+  depth = tf.cast(example["depth"], tf.float32)[..., None]  # [Hd,Wd,1]
+  in_range = (depth > config.min_depth) & (depth < config.max_depth)
+  depth = tf.where(in_range, depth, tf.zeros_like(depth))  # 0 = invalid from here on
+  depth = depth_ops.resize_depth(depth, config.image_size, method=config.depth_resize)
+  depth = tf.ensure_shape(depth, (*config.image_size, 1))
+
+  if training and config.augment:
+    image, depth = augment(image, depth, seed)
+
+  mask = tf.cast(depth > 0, tf.float32)
+  features = {"image": image, "depth": depth, "mask": mask}
+  features.update(make_target(depth, mask, stage))
+  return features
+
+
+def augment(image: tf.Tensor, depth: tf.Tensor, seed: tf.Tensor):
+  """Geometry-preserving augmentation: the flip moves depth with the image; the
+  colour jitter touches only RGB (brightness is kept mild because shading is a
+  depth cue)."""
+  seeds = tf.random.experimental.stateless_split(seed, num=4)
+  flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
+  image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
+  depth = tf.cond(flip, lambda: depth[:, ::-1], lambda: depth)
+  image = tf.image.stateless_random_brightness(image, 0.05, seeds[1])
+  image = tf.image.stateless_random_contrast(image, 0.85, 1.15, seeds[2])
+  image = tf.image.stateless_random_saturation(image, 0.85, 1.15, seeds[3])
+  return tf.clip_by_value(image, 0.0, 1.0), depth
+
+
+def make_target(depth: tf.Tensor, mask: tf.Tensor, stage: str) -> dict:
+  """The regression target: depth, or for the gradient stage its Sobel magnitude."""
+  if stage == "gradient":
+    magnitude, magnitude_mask = depth_ops.sobel_magnitude(depth[None], mask[None])
+    return {"target": magnitude[0], "target_mask": magnitude_mask[0]}
+  return {"target": depth, "target_mask": mask}
+
+
+# ----------------------------------------------------------------------------
+# Datasets per replica (called by strategy.distribute_datasets_from_function).
+# ----------------------------------------------------------------------------
+def _shard(ds: tf.data.Dataset, input_context: Optional[tf.distribute.InputContext]):
+  # Shard by example: the small Record3D splits have fewer files than workers.
+  if input_context and input_context.num_input_pipelines > 1:
+    ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  return ds
+
+
+def _per_replica_batch(config: Config, input_context) -> int:
+  if input_context is None:
+    return config.global_batch_size
+  return input_context.get_per_replica_batch_size(config.global_batch_size)
+
+
+def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
+                  input_context: Optional[tf.distribute.InputContext] = None,
+                  split: str = "train") -> tf.data.Dataset:
+  """Infinite, shuffled, augmented, batched (drop_remainder: static shapes for TPU)."""
+  read_config = tfds.ReadConfig(shuffle_seed=config.seed, try_autocache=False)
+  ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
+  ds = _shard(ds, input_context)
+  ds = ds.cache() if _fits_in_memory(builder, split) else ds
+  ds = ds.repeat().shuffle(config.shuffle_buffer, seed=config.seed)
+  pipeline_id = input_context.input_pipeline_id if input_context else 0
+  # One stateless seed per example, different on every worker and every epoch.
+  seeds = tf.data.Dataset.random(seed=config.seed + 1000 * pipeline_id).batch(2)
+  ds = tf.data.Dataset.zip(ds, seeds)
+  ds = ds.map(lambda ex, seed: preprocess(ex, config, stage, True, seed),
+              num_parallel_calls=AUTOTUNE, deterministic=False)
+  ds = ds.batch(_per_replica_batch(config, input_context), drop_remainder=True)
+  return ds.prefetch(AUTOTUNE)
+
+
+def _fits_in_memory(builder, split: str) -> bool:
+  """Cache decoded examples when the split is small (decoding PNG/zlib dominates)."""
+  try:
+    return builder.info.splits[split].num_bytes < 2 * 1024**3
+  except (KeyError, TypeError):
+    return False
+
+
+def eval_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
+                 input_context: Optional[tf.distribute.InputContext] = None,
+                 split: Optional[str] = None) -> tf.data.Dataset:
+  """The whole eval split once, in order, padded to full batches.
+
+  Padding examples have an all-zero mask, so the metrics (which average over
+  images with valid pixels) ignore them: every real example counts exactly
+  once and every batch has the same static shape (TPU).
+  """
+  split = split or config.eval_split
+  total = num_examples(builder, split)
+  if config.num_eval_examples:
+    total = min(total, config.num_eval_examples)
+  ds = builder.as_dataset(split=split, shuffle_files=False).take(total)
+  num_pipelines = input_context.num_input_pipelines if input_context else 1
+  pipeline_id = input_context.input_pipeline_id if input_context else 0
+  ds = _shard(ds, input_context)
+  ds = ds.map(lambda ex: preprocess(ex, config, stage, False), num_parallel_calls=AUTOTUNE)
+  batch = _per_replica_batch(config, input_context)
+  # Examples pipeline `i` gets from shard(): ceil((total - i) / n). Every pipeline
+  # must yield the same number of batches, or a collective would wait forever.
+  mine = max(0, math.ceil((total - pipeline_id) / num_pipelines))
+  batches = max(1, math.ceil(math.ceil(total / num_pipelines) / batch))
+  padding = batches * batch - mine
+  if padding:
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(_padding_example(config)).repeat(padding))
+  ds = ds.batch(batch, drop_remainder=True)
+  return ds.prefetch(AUTOTUNE)
+
+
+def _padding_example(config: Config) -> dict:
+  height, width = config.image_size
+  zeros = lambda c: tf.zeros((height, width, c), tf.float32)
+  return {"image": zeros(3), "depth": zeros(1), "mask": zeros(1),
+          "target": zeros(1), "target_mask": zeros(1)}
