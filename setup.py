@@ -10,6 +10,9 @@ CORE = [
     # `tfds build` (tensorflow-datasets 4.9.x) imports both at start-up.
     "apache-beam>=2.60,<3",
     "mlcroissant>=1.0,<2",
+    # tensorflow-datasets 4.9.10 imports it when a builder lives outside TFDS
+    # (our `record3d`) but does not declare it.
+    "importlib_resources>=6",
     "absl-py>=2.1,<3",
     "numpy>=1.26,<3",
     "Pillow>=10,<14",
