@@ -109,3 +109,19 @@ def test_perfect_prediction():
     assert per_image[name][0] == pytest.approx(0.0, abs=1e-6), name
   for name in ("delta1", "delta2", "delta3"):
     assert per_image[name][0] == 1.0
+
+
+def test_edge_metrics_hand_values():
+  target = np.array([[[1.0, 2.0], [3.0, 4.0]],
+                     [[1.0, 2.0], [3.0, 4.0]],
+                     [[1.0, 2.0], [3.0, 4.0]]], np.float32)[..., None]
+  pred = np.array([[[1.0, 2.0], [3.0, 99.0]],   # only the masked pixel is wrong
+                   [[2.0, 2.0], [3.0, 1.0]],    # errors 1, 0, 0, 3
+                   [[0.0, 0.0], [0.0, 0.0]]], np.float32)[..., None]
+  mask = np.array([[[1, 1], [1, 0]], [[1, 1], [1, 1]], [[0, 0], [0, 0]]], np.float32)[..., None]
+  per_image = {k: v.numpy() for k, v in metrics.edge_metrics(target, pred, mask).items()}
+  np.testing.assert_allclose(per_image["edge_rmse"], [0.0, math.sqrt(10 / 4), 0.0], rtol=1e-6)
+  np.testing.assert_array_equal(per_image["num_valid"], [3, 4, 0])
+  # accumulate / finalize average whatever keys they get.
+  result = metrics.finalize(metrics.accumulate({}, per_image))
+  assert result == {"edge_rmse": pytest.approx(math.sqrt(10 / 4) / 2), "num_images": 2}
