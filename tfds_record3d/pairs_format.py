@@ -1,0 +1,333 @@
+"""Reading folders of RGB / depth pairs (the `pairs` config).
+
+Layout (M is the manual folder):
+  M/<sequence>/rgb/0001.jpg       RGB (.jpg, .jpeg or .png); the seed's `X/` works too
+  M/<sequence>/depth/0001.png     depth, same stem; the seed's `Y/` works too
+  M/<sequence>/confidence/0001.png  optional uint8 (H_d, W_d), 0/1/2
+  M/<sequence>/depth2d.json       optional manifest (else M/depth2d.json)
+`rgb/` + `depth/` directly in M make one sequence named after M.
+
+Depth files:
+  .png  16-bit, `depth_scale` units per meter (default 1000 = millimeters;
+        TUM RGB-D uses 5000). Raw 0 and 65535 are invalid.
+  .npy  float32 (H_d, W_d) in meters.
+  .exr  one float channel in meters (Record3D's EXR export).
+Invalid depth (NaN, inf, <= 0, 0 / 65535 raw) becomes 0.
+
+Manifest `depth2d.json` (all keys optional):
+  {"depth_scale": 5000,                      # units per meter for .png depth
+   "intrinsics": {"fx": .., "fy": .., "cx": .., "cy": ..},  # or a 3x3 list
+   "image_size": [H, W],                     # size K refers to (default: the images')
+   "pair_by": "stem"}                        # "stem" | "order" | "timestamp"
+`pair_by`: "stem" matches equal file stems; "order" zips the sorted lists
+(the seed's notebook; counts must be equal); "timestamp" reads stems as
+seconds and matches each RGB to the nearest depth within 20 ms (TUM).
+A Record3D EXR export's `metadata.json` in the sequence folder also
+provides intrinsics (its column-major `K`). Without any, intrinsics default
+to fx = fy = 0.755 * max(H, W), principal point at the image centre.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+from typing import Iterator
+
+import numpy as np
+import OpenEXR
+from absl import logging
+from etils import epath
+from PIL import Image
+
+from tfds_record3d import decoding
+from tfds_record3d import intrinsics as intrinsics_lib
+from tfds_record3d.validation import Problem
+
+RGB_DIRS = ("rgb", "X")
+DEPTH_DIRS = ("depth", "Y")
+CONFIDENCE_DIR = "confidence"
+MANIFEST_NAME = "depth2d.json"
+RECORD3D_METADATA_NAME = "metadata.json"
+RGB_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEPTH_SUFFIXES = (".png", ".npy", ".exr")
+CONFIDENCE_SUFFIXES = (".png", ".npy")
+DEFAULT_DEPTH_SCALE = 1000.0  # units per meter: millimeters
+TIMESTAMP_TOLERANCE_S = 0.02
+NO_CONFIDENCE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PairsFrame:
+  frame: int
+  rgb: epath.Path
+  depth: epath.Path
+  confidence: epath.Path | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PairsSequence:
+  name: str
+  folder: epath.Path
+  frames: tuple[PairsFrame, ...]
+  depth_scale: float
+  # K (3, 3) as given and the (H, W) it refers to; None -> documented default.
+  intrinsics: np.ndarray | None
+  intrinsics_size: tuple[int, int] | None
+
+  def intrinsics_for(self, image_size: tuple[int, int]) -> np.ndarray:
+    if self.intrinsics is None:
+      return intrinsics_lib.default_intrinsics(*image_size)
+    return intrinsics_lib.scale_intrinsics(
+        self.intrinsics, self.intrinsics_size or image_size, image_size)
+
+  def read_frames(self, positions) -> Iterator[dict]:
+    for position in positions:
+      frame = self.frames[position]
+      image = decoding.decode_rgb(frame.rgb.read_bytes())
+      depth = read_depth(frame.depth, self.depth_scale)
+      if frame.confidence is not None:
+        confidence = read_confidence(frame.confidence)
+      else:
+        confidence = np.full(depth.shape, NO_CONFIDENCE, np.uint8)
+      yield {
+          "image": image,
+          "depth": depth,
+          "confidence": confidence,
+          "intrinsics": self.intrinsics_for(image.shape[:2]),
+          "sequence": self.name,
+          "frame": frame.frame,
+      }
+
+
+def read_depth(path: epath.Path, depth_scale: float = DEFAULT_DEPTH_SCALE) -> np.ndarray:
+  """Depth file -> float32 (H_d, W_d) meters, 0 = invalid. Raises DecodeError."""
+  suffix = path.suffix.lower()
+  data = path.read_bytes()
+  if suffix == ".png":
+    try:
+      with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        mode = image.mode
+        raw = np.asarray(image)
+    except Exception as e:
+      raise decoding.DecodeError(f"unreadable or truncated depth PNG ({e})") from e
+    if mode not in ("I;16", "I;16B", "I;16L", "I") or raw.ndim != 2:
+      raise decoding.DecodeError(
+          f"depth PNG must be single-channel 16-bit, got mode {mode!r} "
+          f"(an 8-bit PNG loses the depth precision)")
+    return decoding.depth_from_uint16(raw, depth_scale)
+  if suffix == ".npy":
+    try:
+      array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+      raise decoding.DecodeError(f"unreadable .npy ({e})") from e
+    if array.dtype != np.float32 or array.ndim != 2:
+      raise decoding.DecodeError(
+          f"depth .npy must be float32 (H, W) meters, got {array.dtype} {array.shape}")
+    return decoding.clean_depth(array)
+  if suffix == ".exr":
+    try:
+      with OpenEXR.File(io.BytesIO(data)) as exr:
+        channels = {name: ch.pixels for name, ch in exr.channels().items()}
+    except Exception as e:
+      raise decoding.DecodeError(f"unreadable .exr ({e})") from e
+    if len(channels) != 1:
+      raise decoding.DecodeError(f"depth .exr must have one channel, found {sorted(channels)}")
+    (array,) = channels.values()
+    if array.ndim != 2 or array.dtype.kind != "f":
+      raise decoding.DecodeError(f"depth .exr must hold floats (H, W), got {array.dtype} {array.shape}")
+    return decoding.clean_depth(array)
+  raise decoding.DecodeError(f"unsupported depth file type {suffix!r}")
+
+
+def read_confidence(path: epath.Path) -> np.ndarray:
+  """Confidence file (.png 8-bit or .npy uint8) -> uint8 (H_d, W_d)."""
+  data = path.read_bytes()
+  try:
+    if path.suffix.lower() == ".npy":
+      array = np.load(io.BytesIO(data), allow_pickle=False)
+    else:
+      with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        array = np.asarray(image)
+  except Exception as e:
+    raise decoding.DecodeError(f"unreadable confidence file ({e})") from e
+  if array.dtype != np.uint8 or array.ndim != 2:
+    raise decoding.DecodeError(f"confidence must be uint8 (H, W), got {array.dtype} {array.shape}")
+  return array
+
+
+def _natural_key(stem: str):
+  """'2' < '10'; digit runs compare as numbers."""
+  return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+          for part in re.split(r"(\d+)", stem) if part]
+
+
+def _files_by_stem(folder: epath.Path, suffixes) -> dict[str, epath.Path]:
+  return {p.stem: p for p in folder.iterdir()
+          if p.suffix.lower() in suffixes and not p.name.startswith(".")}
+
+
+def _find_dir(folder: epath.Path, candidates) -> epath.Path | None:
+  for name in candidates:
+    if (folder / name).is_dir():
+      return folder / name
+  return None
+
+
+def _load_manifest(folder: epath.Path, manual_dir: epath.Path, problems) -> dict:
+  """The sequence's depth2d.json, else M's, plus intrinsics from metadata.json."""
+  manifest = {}
+  for candidate in (manual_dir / MANIFEST_NAME, folder / MANIFEST_NAME):
+    if candidate.exists():  # the sequence's own manifest wins
+      try:
+        manifest.update(json.loads(candidate.read_text()))
+      except ValueError as e:
+        problems.append(Problem(str(candidate), f"invalid JSON ({e})"))
+  record3d_meta = folder / RECORD3D_METADATA_NAME
+  if "intrinsics" not in manifest and record3d_meta.exists():
+    try:
+      meta = json.loads(record3d_meta.read_text())
+      manifest["intrinsics"] = np.asarray(meta["K"], np.float32).reshape(3, 3).T.tolist()
+      manifest["image_size"] = [int(meta["h"]), int(meta["w"])]
+    except (ValueError, KeyError, TypeError) as e:
+      problems.append(Problem(str(record3d_meta), f"cannot read K, w, h ({e})"))
+  return manifest
+
+
+def _parse_intrinsics(value) -> np.ndarray:
+  if isinstance(value, dict):
+    return np.array([[value["fx"], 0, value["cx"]], [0, value["fy"], value["cy"]], [0, 0, 1]],
+                    dtype=np.float32)
+  k = np.asarray(value, dtype=np.float32)
+  if k.shape != (3, 3):
+    raise ValueError(f"intrinsics must be 3x3 or {{fx, fy, cx, cy}}, got shape {k.shape}")
+  return k
+
+
+def _pair(rgb: dict, depth: dict, pair_by: str, rgb_dir, depth_dir, problems):
+  """Matches RGB and depth files; returns [(stem, rgb_path, depth_path)]."""
+  if pair_by == "order":
+    if len(rgb) != len(depth):
+      problems.append(Problem(
+          str(depth_dir), f"pair_by 'order' needs as many depth files ({len(depth)}) "
+          f"as RGB files ({len(rgb)}) in {rgb_dir}"))
+      return []
+    return [(r, rgb[r], depth[d]) for r, d in zip(sorted(rgb, key=_natural_key),
+                                                    sorted(depth, key=_natural_key))]
+  if pair_by == "timestamp":
+    try:
+      depth_times = sorted((float(stem), stem) for stem in depth)
+      rgb_times = sorted((float(stem), stem) for stem in rgb)
+    except ValueError as e:
+      problems.append(Problem(str(rgb_dir), f"pair_by 'timestamp' needs numeric stems ({e})"))
+      return []
+    times = np.array([t for t, _ in depth_times])
+    pairs = []
+    for time, stem in rgb_times:
+      nearest = int(np.argmin(np.abs(times - time))) if len(times) else -1
+      if nearest >= 0 and abs(times[nearest] - time) <= TIMESTAMP_TOLERANCE_S:
+        pairs.append((stem, rgb[stem], depth[depth_times[nearest][1]]))
+      else:
+        logging.warning("No depth within %.3f s of %s; frame skipped.",
+                        TIMESTAMP_TOLERANCE_S, rgb[stem])
+    return pairs
+  if pair_by != "stem":
+    problems.append(Problem(str(rgb_dir), f"unknown pair_by {pair_by!r}"))
+    return []
+  for stem in sorted(set(rgb) - set(depth), key=_natural_key):
+    problems.append(Problem(str(rgb[stem]), f"missing partner: no depth file '{stem}.*' in {depth_dir}"))
+  for stem in sorted(set(depth) - set(rgb), key=_natural_key):
+    problems.append(Problem(str(depth[stem]), f"missing partner: no RGB file '{stem}.*' in {rgb_dir}"))
+  return [(s, rgb[s], depth[s]) for s in sorted(set(rgb) & set(depth), key=_natural_key)]
+
+
+def _scan_sequence(name, folder, manual_dir, problems) -> PairsSequence | None:
+  start = len(problems)
+  rgb_dir = _find_dir(folder, RGB_DIRS)
+  depth_dir = _find_dir(folder, DEPTH_DIRS)
+  manifest = _load_manifest(folder, manual_dir, problems)
+  try:
+    depth_scale = float(manifest.get("depth_scale", DEFAULT_DEPTH_SCALE))
+    if depth_scale <= 0:
+      raise ValueError("depth_scale must be > 0")
+    k = _parse_intrinsics(manifest["intrinsics"]) if "intrinsics" in manifest else None
+    k_size = tuple(manifest["image_size"]) if "image_size" in manifest else None
+  except (ValueError, KeyError, TypeError) as e:
+    problems.append(Problem(str(folder / MANIFEST_NAME), f"invalid manifest ({e})"))
+    return None
+
+  rgb = _files_by_stem(rgb_dir, RGB_SUFFIXES)
+  depth = _files_by_stem(depth_dir, DEPTH_SUFFIXES)
+  if not rgb and not depth:
+    problems.append(Problem(str(rgb_dir), "no RGB or depth files"))
+    return None
+  confidence_dir = folder / CONFIDENCE_DIR
+  confidence = _files_by_stem(confidence_dir, CONFIDENCE_SUFFIXES) if confidence_dir.is_dir() else {}
+
+  frames = []
+  for position, (stem, rgb_path, depth_path) in enumerate(
+      _pair(rgb, depth, manifest.get("pair_by", "stem"), rgb_dir, depth_dir, problems)):
+    try:
+      image_size = decoding.image_size(rgb_path.read_bytes())
+    except decoding.DecodeError as e:
+      problems.append(Problem(str(rgb_path), str(e)))
+      image_size = None
+    try:
+      depth_shape = read_depth(depth_path, depth_scale).shape
+    except decoding.DecodeError as e:
+      problems.append(Problem(str(depth_path), str(e)))
+      depth_shape = None
+    if image_size and depth_shape and not intrinsics_lib.same_aspect_ratio(image_size, depth_shape):
+      problems.append(Problem(
+          str(rgb_path), f"aspect ratio of RGB {image_size[0]}x{image_size[1]} differs from "
+          f"depth {depth_path.name} {depth_shape[0]}x{depth_shape[1]}"))
+    confidence_path = confidence.get(stem)
+    if confidence_path is not None:
+      try:
+        confidence_shape = read_confidence(confidence_path).shape
+        if depth_shape and confidence_shape != depth_shape:
+          problems.append(Problem(str(confidence_path),
+                                  f"shape {confidence_shape} differs from depth {depth_shape}"))
+      except decoding.DecodeError as e:
+        problems.append(Problem(str(confidence_path), str(e)))
+    frame_number = int(stem) if stem.isdigit() else position
+    frames.append(PairsFrame(frame_number, rgb_path, depth_path, confidence_path))
+  if len(problems) > start or not frames:
+    if not frames and len(problems) == start:
+      problems.append(Problem(str(folder), "no RGB/depth pairs"))
+    return None
+  return PairsSequence(name, folder, tuple(frames), depth_scale, k, k_size)
+
+
+def _is_sequence_folder(folder: epath.Path) -> bool:
+  return _find_dir(folder, RGB_DIRS) is not None and _find_dir(folder, DEPTH_DIRS) is not None
+
+
+def scan(manual_dir: epath.Path) -> tuple[list[PairsSequence], list[Problem]]:
+  """Finds and fully validates every sequence under `manual_dir`."""
+  problems: list[Problem] = []
+  if _is_sequence_folder(manual_dir):
+    folders = [(manual_dir.name, manual_dir)]
+  else:
+    folders = []
+    for child in sorted(manual_dir.iterdir()):
+      if not child.is_dir() or child.name.startswith((".", "__")):
+        continue
+      if _is_sequence_folder(child):
+        folders.append((child.name, child))
+      else:
+        problems.append(Problem(
+            str(child), "not a sequence: needs rgb/ (or X/) and depth/ (or Y/) subfolders"))
+    if not folders and not problems:
+      problems.append(Problem(str(manual_dir),
+                              "no sequence folders (<sequence>/rgb + <sequence>/depth)"))
+  sequences = []
+  for name, folder in folders:
+    logging.info("Checking sequence %s", folder)
+    sequence = _scan_sequence(name, folder, manual_dir, problems)
+    if sequence is not None:
+      sequences.append(sequence)
+  return sequences, problems

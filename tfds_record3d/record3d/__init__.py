@@ -1,0 +1,1 @@
+"""record3d dataset (TFDS dataset folder: builder, dummy_data/, checksums.tsv)."""

@@ -1,0 +1,292 @@
+"""The `record3d` TFDS dataset: RGB images with metric depth (iPhone LiDAR).
+
+Configs:
+  synthetic (default)  procedurally rendered rooms with exact depth; no files needed.
+  pairs                folders of RGB + depth files (manual_dir), see pairs_format.py.
+  r3d                  Record3D `.r3d` exports (manual_dir), see r3d_format.py.
+
+Note: this module must not use `os` or `open` (TFDS tests forbid them here,
+everything goes through epath so that gs:// paths work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+
+from tfds_record3d import pairs_format
+from tfds_record3d import r3d_format
+from tfds_record3d import splits
+from tfds_record3d import synthetic
+from tfds_record3d import validation
+
+_DESCRIPTION = """\
+RGB images paired with metric depth maps, as captured by an iPhone LiDAR
+with the Record3D app, for single-image depth estimation.
+
+Features: `image` uint8 (H, W, 3); `depth` float32 (Hd, Wd) in meters, 0 =
+invalid (NaN, 0 and saturated 65535 in the source all become 0), at the
+sensor's own resolution (never resampled; LiDAR is 256x192); `confidence`
+uint8 (Hd, Wd), 0 low / 1 medium / 2 high (2 when the source has none);
+`intrinsics` float32 (3, 3) pinhole K for the IMAGE size (pixel centres at
++0.5; multiply the first two rows by Wd/W, Hd/H for the depth size);
+`sequence` (capture name) and `frame` (index in the capture).
+
+Splits train / validation / test (~80/10/10 of frames) are made by
+sequence, never by frame, so near-identical neighbouring frames cannot leak
+across splits; a single sequence is cut into contiguous blocks instead.
+
+Statistics (frames and sequences per split, depth range, valid fraction)
+are computed while building and stored in `info.metadata["stats"]`.
+"""
+
+_MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+Config `r3d`: in the Record3D app, open the Library, pick a recording and
+use "Export" -> "Export as .r3d" (LiDAR or TrueDepth). Copy the .r3d files
+into one folder, one file per sequence (named by the file's stem):
+  M/kitchen.r3d
+  M/office.r3d
+
+Config `pairs`: one folder per sequence with RGB and depth files matched by
+file stem (a capture tool using Record3D's USB streaming can save frames this
+way; the seed notebook's `X/` and `Y/` names are accepted too):
+  M/<sequence>/rgb/000001.jpg        (.jpg/.jpeg/.png)
+  M/<sequence>/depth/000001.png      (uint16, 1000 units per meter by default),
+                                     or .npy float32 meters, or .exr (one channel, meters)
+  M/<sequence>/confidence/000001.png (optional, uint8 0/1/2)
+  M/<sequence>/depth2d.json          (optional: {"depth_scale": 5000,
+                                      "intrinsics": {"fx":..,"fy":..,"cx":..,"cy":..},
+                                      "pair_by": "stem" | "order" | "timestamp"})
+`rgb/` and `depth/` directly in M make one sequence. A Record3D EXR export
+(rgb/, depth/*.exr, metadata.json) can be used as a sequence folder as is.
+TUM RGB-D: add {"depth_scale": 5000, "pair_by": "timestamp"}.
+Intrinsics default to fx = fy = 0.755 * max(H, W), principal point at the centre.
+
+Then: tfds build record3d --imports tfds_record3d --config pairs --manual_dir M --data_dir DIR
+"""
+
+
+@dataclasses.dataclass(eq=False)
+class Record3dConfig(tfds.core.BuilderConfig):
+  """A source of frames; the synthetic fields only matter for `synthetic`."""
+  source: str = "synthetic"  # "synthetic" | "pairs" | "r3d"
+  num_frames: int = synthetic.NUM_FRAMES
+  image_size: tuple[int, int] = synthetic.IMAGE_SIZE  # (H, W)
+  depth_size: tuple[int, int] = synthetic.DEPTH_SIZE  # (H, W)
+  image_encoding: str = "jpeg"  # how `image` is stored: "jpeg" or "png"
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """DatasetBuilder for the record3d dataset."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release: synthetic, pairs and r3d configs."}
+  BUILDER_CONFIGS = [
+      Record3dConfig(
+          name="synthetic",
+          description=(
+              "1059 rendered frames in ~30 room walk-throughs, RGB 320x240, "
+              "exact depth 256x192; needs no files."),
+          source="synthetic",
+      ),
+      Record3dConfig(
+          name="pairs",
+          description="Folders of RGB images and depth maps matched by file stem (manual_dir).",
+          source="pairs",
+          image_encoding="png",  # sources are often lossless already
+      ),
+      Record3dConfig(
+          name="r3d",
+          description="Record3D .r3d exports, one sequence per file (manual_dir).",
+          source="r3d",
+      ),
+  ]
+  DEFAULT_BUILDER_CONFIG_NAME = "synthetic"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS 4.9.10 derives this from the package's resource path and, for a
+    # plain (editable or site-packages) install, imports the undeclared
+    # `importlib_resources` backport, failing every build. This file is the
+    # answer it would compute anyway (dummy_data/ and checksums.tsv sit next to it).
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config = self.builder_config
+    if config.source == "synthetic":  # static shapes when they are known
+      image_shape = (*config.image_size, 3)
+      depth_shape = tuple(config.depth_size)
+    else:
+      image_shape, depth_shape = (None, None, 3), (None, None)
+    return self.dataset_info_from_configs(
+        description=_DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(
+                shape=image_shape, dtype=np.uint8, encoding_format=config.image_encoding),
+            # Depth and confidence are zlib-compressed raw tensors (lossless).
+            "depth": tfds.features.Tensor(
+                shape=depth_shape, dtype=np.float32, encoding=tfds.features.Encoding.ZLIB),
+            "confidence": tfds.features.Tensor(
+                shape=depth_shape, dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
+            "intrinsics": tfds.features.Tensor(shape=(3, 3), dtype=np.float32),
+            "sequence": tfds.features.Text(),
+            "frame": np.int32,
+        }),
+        supervised_keys=("image", "depth"),
+        homepage="https://record3d.app",
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  # --- Validation before anything is written ------------------------------
+
+  def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
+    """Validates manual input first, so a bad input never deletes a prepared
+    dataset (TFDS removes it before generating when asked to overwrite)."""
+    download_config = download_config or tfds.download.DownloadConfig()
+    mode = download_config.download_mode
+    will_generate = (not self.data_path.exists() or mode.overwrite_dataset) and (
+        mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO)
+    if self.builder_config.source != "synthetic" and will_generate:
+      dl_manager = self._make_download_manager(
+          download_dir=download_dir, download_config=download_config)
+      try:
+        manual_dir = epath.Path(dl_manager.manual_dir)
+      except AssertionError:  # TFDS: absent or empty; our scan says which precisely.
+        manual_dir = epath.Path(
+            download_config.manual_dir
+            or epath.Path(download_dir or self.data_dir_root / "downloads") / "manual")
+      self._scan(manual_dir)
+    return super().download_and_prepare(
+        download_dir=download_dir, download_config=download_config, **kwargs)
+
+  def _scan(self, manual_dir: epath.Path) -> list:
+    """Validated sequences of the manual input (cached per folder).
+
+    Raises validation.ManualInputError listing every problem.
+    """
+    cache = getattr(self, "_scan_cache", None)
+    if cache is not None and cache[0] == str(manual_dir):
+      return cache[1]
+    started = time.time()
+    problems = validation.check_manual_dir(manual_dir)
+    sequences = []
+    if not problems:
+      reader = pairs_format if self.builder_config.source == "pairs" else r3d_format
+      sequences, problems = reader.scan(manual_dir)
+    if problems:
+      raise validation.ManualInputError(manual_dir, problems, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    logging.info("record3d/%s: %s holds %d sequences, %d frames (checked in %.1f s)",
+                 self.builder_config.name, manual_dir, len(sequences),
+                 sum(len(s.frames) for s in sequences), time.time() - started)
+    self._scan_cache = (str(manual_dir), sequences)
+    return sequences
+
+  # --- Generation ----------------------------------------------------------
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    config = self.builder_config
+    if config.source == "synthetic":
+      sequences = {
+          p.name: _SyntheticSequence(p, config.image_size, config.depth_size)
+          for p in synthetic.plan_sequences(config.num_frames)
+      }
+    else:
+      sequences = {s.name: s for s in self._scan(epath.Path(dl_manager.manual_dir))}
+    counts = {name: len(s.frames) for name, s in sequences.items()}
+    plan = splits.split_sequences(counts)
+    empty = [split for split, parts in plan.items() if not parts]
+    if empty:
+      raise validation.ManualInputError(
+          f"record3d/{config.name}",
+          [validation.Problem(
+              "(all input)", f"{sum(counts.values())} frames in {len(counts)} sequence(s) "
+              f"leave split(s) {empty} empty; need 3+ frames")])
+    for split, parts in plan.items():
+      logging.info("record3d/%s: split %s = %d sequences, %d frames", config.name, split,
+                   len(parts), sum(len(positions) for _, positions in parts))
+    self.info.metadata["stats"] = {}
+    return {
+        split: self._generate_examples(
+            split, [(sequences[name], positions) for name, positions in parts])
+        for split, parts in plan.items()
+    }
+
+  def _generate_examples(self, split: str, parts):
+    stats = _SplitStats()
+    started = time.time()
+    for sequence, positions in parts:
+      for example in sequence.read_frames(positions):
+        stats.add(example)
+        if stats.frames % 100 == 0:
+          logging.info("record3d/%s %s: %d frames (%.1f s)", self.builder_config.name,
+                       split, stats.frames, time.time() - started)
+        key = f"{example['sequence']}/{int(example['frame']):06d}"
+        yield key, example
+    summary = stats.summary()
+    self.info.metadata["stats"][split] = summary
+    logging.info("record3d/%s %s done in %.1f s: %s", self.builder_config.name, split,
+                 time.time() - started, summary)
+
+
+class _SyntheticSequence:
+  """Adapts a synthetic.SequencePlan to the readers' `frames` / `read_frames`."""
+
+  def __init__(self, plan: synthetic.SequencePlan, image_size, depth_size):
+    self.plan, self.image_size, self.depth_size = plan, image_size, depth_size
+    self.frames = range(plan.num_frames)
+
+  def read_frames(self, positions):
+    wanted = set(positions)
+    for example in synthetic.render_sequence(
+        self.plan.seed, self.plan.num_frames, self.image_size, self.depth_size,
+        name=self.plan.name):
+      if example["frame"] in wanted:
+        yield example
+
+
+class _SplitStats:
+  """Running user-facing statistics of one split."""
+
+  def __init__(self):
+    self.frames = 0
+    self.sequences: set[str] = set()
+    self.depth_min = np.inf
+    self.depth_max = 0.0
+    self.depth_sum = 0.0
+    self.valid = 0
+    self.pixels = 0
+    self.image_sizes: set[tuple[int, int]] = set()
+    self.depth_sizes: set[tuple[int, int]] = set()
+
+  def add(self, example: dict) -> None:
+    depth = example["depth"]
+    valid = depth[depth > 0]
+    self.frames += 1
+    self.sequences.add(example["sequence"])
+    if valid.size:
+      self.depth_min = min(self.depth_min, float(valid.min()))
+      self.depth_max = max(self.depth_max, float(valid.max()))
+      self.depth_sum += float(valid.sum(dtype=np.float64))
+    self.valid += valid.size
+    self.pixels += depth.size
+    self.image_sizes.add(tuple(int(v) for v in example["image"].shape[:2]))
+    self.depth_sizes.add(tuple(int(v) for v in depth.shape))
+
+  def summary(self) -> dict:
+    return {
+        "frames": self.frames,
+        "sequences": len(self.sequences),
+        "depth_min_m": round(self.depth_min, 4) if self.valid else None,
+        "depth_max_m": round(self.depth_max, 4) if self.valid else None,
+        "depth_mean_m": round(self.depth_sum / self.valid, 4) if self.valid else None,
+        "valid_fraction": round(self.valid / max(self.pixels, 1), 4),
+        "image_sizes": sorted(self.image_sizes),
+        "depth_sizes": sorted(self.depth_sizes),
+    }
