@@ -48,7 +48,7 @@ _CHECKER, _TILES, _PLANKS, _STRIPES, _PLASTER = range(5)
 _AMBIENT = 0.08
 _CEILING_LIGHT = 0.25
 _LAMP_POWER = 1.8  # Irradiance at 1 m is LAMP_POWER / (1 + _LAMP_SOFTENING).
-_LAMP_SOFTENING = 0.15  # m^2, keeps very close surfaces from blowing out.
+_LAMP_SOFTENING = 0.3  # m^2, keeps very close surfaces from blowing out.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,7 +400,9 @@ def _shade(
   lamp = cos_view / (distance**2 + _LAMP_SOFTENING)  # lamp sits at the camera
   irradiance = _AMBIENT + _CEILING_LIGHT * ceiling_light + _LAMP_POWER * lamp
   linear = albedo * irradiance[:, None] * scene.exposure
-  srgb = np.clip(linear, 0.0, 1.0) ** (1 / 2.2)
+  # Soft exposure curve instead of clipping, so a wall right in front of the
+  # lamp still shows its texture.
+  srgb = (1.0 - np.exp(-1.5 * linear)) ** (1 / 2.2)
   srgb = srgb + noise_rng.normal(0.0, 0.008, size=srgb.shape)  # sensor noise
   return np.clip(np.round(srgb * 255.0), 0, 255).astype(np.uint8)
 
@@ -499,11 +501,12 @@ def plan_sequences(
   count = max(min(3, num_frames), round(num_frames / frames_per_sequence))
   lengths = np.full(count, num_frames // count)
   lengths[: num_frames % count] += 1
-  # Vary lengths by up to ~15% (moving frames between neighbours keeps the total).
+  # Vary lengths by up to ~15%: move frames within disjoint neighbour pairs
+  # (keeps the total, and no length drifts by more than the jitter).
   digest = hashlib.sha256(f"{base_seed}:{num_frames}".encode()).digest()
   rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
   jitter = int(lengths.min() * 0.15)
-  for i in range(count - 1):
+  for i in range(0, count - 1, 2):
     delta = int(rng.integers(-jitter, jitter + 1))
     if lengths[i] + delta >= 1 and lengths[i + 1] - delta >= 1:
       lengths[i] += delta
