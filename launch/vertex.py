@@ -185,8 +185,9 @@ def main(argv: List[str]) -> int:
                                          job_spec.build_custom_job_spec(request))
   if request.machine.machine_type.is_tpu:
     logging.warning(
-        "TPU job: the image must carry a TPU build of TensorFlow and libtpu "
-        "(launch/Dockerfile --build-arg FLAVOR=tpu); a CPU/GPU image finds no TPU.")
+        "TPU job: the image must carry a TPU build of TensorFlow and libtpu. "
+        "launch/Dockerfile builds CPU/GPU images only (no TensorFlow 2.21 TPU "
+        "wheel exists); for TPUs with this TensorFlow use launch/tpu_vm.sh.")
   if FLAGS.dry_run:
     if FLAGS.dry_run_format == "json":
       print(json.dumps(custom_job, indent=2))
