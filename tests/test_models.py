@@ -42,6 +42,9 @@ def test_seed_body_is_the_notebook_network():
                    layer.activation.__name__))
   assert actual == expected
   assert model.layers[-1].dtype_policy.name == "float32"
+  for layer in layers:  # Keras' defaults, as in the notebook
+    if isinstance(layer, keras.layers.BatchNormalization):
+      assert (layer.momentum, layer.epsilon) == (0.99, 1e-3)
 
 
 @pytest.mark.parametrize("architecture", models.ARCHITECTURES)
@@ -185,6 +188,20 @@ def test_count_flops_matches_traced_graph(architecture, size):
   finetune = models.build_network("finetune", architecture, gradient_network=gradient)
   for model in (gradient, finetune):
     assert models.count_flops(model, size) == _graph_flops(model, size)
+
+
+@pytest.mark.parametrize("architecture", models.ARCHITECTURES)
+def test_count_flops_agrees_with_tf_profiler(architecture):
+  # The profiler also counts bias adds, BatchNorm, resizes, ...: the layer count
+  # must be slightly below its total (elementwise ops are a few % at most).
+  model = models.build_network("rough", architecture)
+  fn = tf.function(lambda x: model(x, training=False))
+  graph = fn.get_concrete_function(tf.TensorSpec((1, 64, 96, 3), tf.float32)).graph
+  options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+  options["output"] = "none"
+  profiled = tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
+  counted = models.count_flops(model, (64, 96))
+  assert 0.95 * profiled < counted <= profiled
 
 
 def test_count_flops_dense_and_depthwise():

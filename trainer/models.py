@@ -35,6 +35,13 @@ UNET_ENCODER = (48, 64, 128, 256, 384)
 # Decoder widths at strides 16, 8, 4, 2, 1.
 UNET_DECODER = (256, 128, 96, 48, 24)
 UNET_STRIDE = 2 ** len(UNET_ENCODER)
+# BatchNorm moving-average momentum of the U-Net (Keras' default is 0.99, which
+# the seed keeps). With 20 BatchNorm layers and small per-replica batches the
+# moving statistics lag the weights for the first ~thousand steps at 0.99, so
+# inference-mode output (eval, export, a frozen gradient net) is far worse than
+# training-mode output in short runs: on a toy task after 300 steps the eval L1
+# was 0.57 at 0.99 against 0.14 at 0.9 (training L1 ~0.2 for both).
+UNET_BN_MOMENTUM = 0.9
 
 
 # ----------------------------------------------------------------------------
@@ -129,14 +136,14 @@ def _seed_body(image, gradient=None):
 def _conv_bn_relu(x, filters, strides, name):
   x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
                           name=f"{name}_conv")(x)
-  x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+  x = keras.layers.BatchNormalization(momentum=UNET_BN_MOMENTUM, name=f"{name}_bn")(x)
   return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
 def _sep_bn_relu(x, filters, strides, name, kernel_size=3):
   x = keras.layers.SeparableConv2D(filters, kernel_size, strides=strides, padding="same",
                                    use_bias=False, name=f"{name}_sep")(x)
-  x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+  x = keras.layers.BatchNormalization(momentum=UNET_BN_MOMENTUM, name=f"{name}_bn")(x)
   return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
