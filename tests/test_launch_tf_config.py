@@ -131,11 +131,5 @@ def test_vertex_tf_config_drives_a_real_multi_worker_strategy():
   _check_two_workers(*_run_two_workers("tensorflow"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer.distribute.get_distribution_strategy lists logical GPU devices before "
-    "building MultiWorkerMirroredStrategy, which initialises the TF context; TF then "
-    "raises 'Collective ops must be configured at program startup'. Reported to the "
-    "lead; remove this marker once distribute.py builds MWMS first (or uses "
-    "tf.config.list_physical_devices)."))
 def test_strategy_factory_builds_multi_worker_strategy_from_vertex_tf_config():
   _check_two_workers(*_run_two_workers("factory"))

@@ -131,7 +131,9 @@ def get_distribution_strategy(name: str = "auto",
     ValueError: unknown name, or hardware the name needs is not there.
   """
   environ = os.environ if environ is None else environ
-  gpus = tf.config.list_logical_devices("GPU")
+  # Physical, not logical: listing logical devices initialises TensorFlow, after
+  # which MultiWorkerMirroredStrategy can no longer configure its collectives.
+  gpus = tf.config.list_physical_devices("GPU")
   if name == "auto" and _tpu_hinted(tpu, environ):
     try:
       resolver = _connect_tpu(tpu or "local")
@@ -151,6 +153,7 @@ def get_distribution_strategy(name: str = "auto",
     return tf.distribute.OneDeviceStrategy(device)
 
   if resolved == "mirrored":
+    gpus = tf.config.list_logical_devices("GPU")
     devices = gpus or tf.config.list_logical_devices("CPU")
     kind = "GPU" if gpus else "CPU"
     count = len(devices) if num_devices is None else num_devices

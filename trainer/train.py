@@ -208,7 +208,7 @@ def train_stage(run: Run, stage: str) -> StageResult:
   manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=config.keep_checkpoints)
   latest = tf.train.latest_checkpoint(ckpt_dir)  # always resume from the chief's copy
   if latest:
-    checkpoint.restore(latest).assert_existing_objects_matched()
+    restore_or_explain(checkpoint, latest, config)
     logging.info("%s: resumed from %s at step %d", stage, latest, int(optimizer.iterations))
   step = int(optimizer.iterations.numpy())
   loss_fn = stage_loss(config, stage)
@@ -283,11 +283,30 @@ def train_stage(run: Run, stage: str) -> StageResult:
   else:
     logging.info("%s: already trained to step %d; nothing to train.", stage, step)
 
+  logging.info("%s: weights fingerprint at step %d: %.8e (equal on every worker)", stage, step,
+               weights_fingerprint(model))
+
   # --- Evaluate.
   result_metrics = {}
   if not preempted and config.mode in ("train_and_eval", "eval"):
     result_metrics = evaluate_stage(run, stage, model, step, writer)
   return StageResult(stage, step, result_metrics, preempted, model=model)
+
+
+def restore_or_explain(checkpoint: tf.train.Checkpoint, path: str, config: Config) -> None:
+  """Restores, or says which flags likely differ from the run that wrote `path`."""
+  try:
+    checkpoint.restore(path).assert_existing_objects_matched()
+  except (AssertionError, ValueError, tf.errors.OpError) as e:
+    raise ValueError(
+        f"cannot resume from {path}: it does not match this model ({e}). Was it written "
+        f"with another --architecture or --image_size than {config.architecture} "
+        f"{config.image_size}? Use a fresh --model_dir for a different model.") from e
+
+
+def weights_fingerprint(model: keras.Model) -> float:
+  """A cheap summary of all weights, logged so workers can be compared."""
+  return float(sum(np.abs(w.numpy().astype(np.float64)).sum() for w in model.weights))
 
 
 def steps_until_boundary(step: int, config: Config) -> int:
@@ -474,7 +493,7 @@ def restore_stage_model(run: Run, stage: str):
         "train it first (--mode=train or train_and_eval)")
   with run.strategy.scope():
     model = build_stage_model(run.config, stage, restore_gradient=False)
-  tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
+  restore_or_explain(tf.train.Checkpoint(model=model), latest, run.config)
   return model, int(latest.rsplit("-", 1)[-1])
 
 
