@@ -31,9 +31,8 @@ def _prepare(target, prediction, mask):
 
 def _masked_mean(values, mask):
   """Per-example mean of `values` [B,H,W,C] over `mask`; 0 for empty masks."""
-  axes = tf.range(1, tf.rank(values))
-  total = tf.reduce_sum(values * mask, axis=axes)
-  count = tf.reduce_sum(mask, axis=axes)
+  total = tf.reduce_sum(values * mask, axis=[1, 2, 3])
+  count = tf.reduce_sum(mask, axis=[1, 2, 3])
   return tf.math.divide_no_nan(total, count)
 
 

@@ -105,9 +105,9 @@ class Upsample2x(keras.layers.Layer):
 
 
 # ----------------------------------------------------------------------------
-# Bodies. Each takes the image tensor and an optional `inject` function that
-# the finetune stage uses to concatenate the gradient output with early
-# features; it returns the float32 output tensor.
+# Bodies. Each takes the image tensor [B,H,W,3] and, for the finetune stage,
+# the gradient network's output [B,H,W,1] to concatenate with early features;
+# it returns the float32 output tensor [B,H,W,1].
 
 
 def _seed_first_block(image):
