@@ -154,17 +154,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     will_generate = (not self.data_path.exists() or mode.overwrite_dataset) and (
         mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO)
     if self.builder_config.source != "synthetic" and will_generate:
-      dl_manager = self._make_download_manager(
-          download_dir=download_dir, download_config=download_config)
-      try:
-        manual_dir = epath.Path(dl_manager.manual_dir)
-      except AssertionError:  # TFDS: absent or empty; our scan says which precisely.
-        manual_dir = epath.Path(
-            download_config.manual_dir
-            or epath.Path(download_dir or self.data_dir_root / "downloads") / "manual")
-      self._scan(manual_dir)
+      self._scan(self._manual_dir(download_dir, download_config))
     return super().download_and_prepare(
         download_dir=download_dir, download_config=download_config, **kwargs)
+
+  def _manual_dir(self, download_dir, download_config) -> epath.Path:
+    """The folder TFDS's DownloadManager would hand to _split_generators."""
+    if download_config.manual_dir:
+      return epath.Path(download_config.manual_dir)
+    # No explicit folder: ask a DownloadManager (TFDS's default location,
+    # or whatever a test harness patched in).
+    dl_manager = self._make_download_manager(
+        download_dir=download_dir, download_config=download_config)
+    try:
+      return epath.Path(dl_manager.manual_dir)
+    except AssertionError:  # TFDS: absent or empty; our scan says which precisely.
+      return epath.Path(download_dir or self.data_dir_root / "downloads") / "manual"
 
   def _scan(self, manual_dir: epath.Path) -> list:
     """Validated sequences of the manual input (cached per folder).
