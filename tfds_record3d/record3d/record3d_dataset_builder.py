@@ -113,9 +113,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   @classmethod
   def code_path(cls) -> epath.Path:
     # TFDS 4.9.10 derives this from the package's resource path and, for a
-    # plain (editable or site-packages) install, imports the undeclared
-    # `importlib_resources` backport, failing every build. This file is the
-    # answer it would compute anyway (dummy_data/ and checksums.tsv sit next to it).
+    # plain (editable or site-packages) install, imports the `importlib_resources`
+    # backport it does not declare (setup.py now does); without it every build
+    # fails. This file is the answer TFDS would compute anyway (dummy_data/ and
+    # checksums.tsv sit next to it), so builds work even with --no-deps installs.
     return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
