@@ -1,6 +1,5 @@
 """Bad manual input: one error listing every offending file, nothing written."""
 
-import io
 import zipfile
 
 import lzfse
