@@ -1,0 +1,112 @@
+"""`python -m trainer.benchmark` end to end at tiny sizes: every figure is
+reported, positive and finite, and the JSON has every key. No timing
+thresholds: the numbers themselves depend on the machine and its load."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from absl import app
+import pytest
+
+from trainer import benchmark
+
+
+def _run(args, timeout=240):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([sys.executable, "-m", "trainer.benchmark", *args], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def _positive(value, name):
+  assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, value)
+
+
+def test_benchmark_reports_every_figure(tiny_record3d, tmp_path):
+  data_dir, manual_dir = tiny_record3d
+  out = tmp_path / "bench.json"
+  proc = _run([
+      "--dataset=record3d/pairs", f"--data_dir={data_dir}", f"--manual_dir={manual_dir}",
+      "--image_sizes=32x24,48x36", "--scaling_sizes=16x16", "--pipeline_image_size=32x24",
+      "--architectures=seed,unet", "--steps=1", "--warmup_steps=0", "--batch_size=2",
+      "--pipeline_batches=3", "--seed_loader_examples=8", "--matmul_size=128",
+      "--matmul_repeats=2", "--accuracy_budget_seconds=1", "--accuracy_image_size=16x16",
+      f"--workdir={tmp_path / 'work'}", f"--json={out}"])
+  result = json.loads(out.read_text())
+
+  assert set(result) >= {"machine", "config", "matmul", "input_pipeline", "train_step",
+                         "flops_ratio_seed_over_unet", "pipeline_over_training",
+                         "accuracy", "targets", "total_seconds"}
+  machine = result["machine"]
+  assert machine["nproc"] >= 1 and machine["tensorflow"] and machine["cpu_model"]
+  assert len(machine["loadavg_start"]) == 3 and len(machine["loadavg_end"]) == 3
+  _positive(result["matmul"]["flops_per_s"], "matmul")
+  assert len(result["matmul"]["measurements"]) == 2
+
+  pipeline = result["input_pipeline"]
+  for key in ("tfdata_first_pass_examples_per_s", "tfdata_steady_examples_per_s",
+              "seed_loader_examples_per_s", "ratio_first_pass", "ratio_steady"):
+    _positive(pipeline[key], key)
+  assert pipeline["seed_loader_examples"] == 8 and pipeline["tfdata_steady_examples"] == 6
+
+  steps = result["train_step"]
+  points = {(r["architecture"], tuple(r["image_size"])) for r in steps}
+  # 3 sizes for each architecture; the default configuration (unet, 32x24) among them.
+  assert points == {(a, s) for a in ("seed", "unet") for s in ((16, 16), (32, 24), (48, 36))}
+  for r in steps:
+    for key in ("step_seconds_median", "examples_per_s", "forward_flops_per_example",
+                "train_flops_per_example", "achieved_flops_per_s", "fraction_of_matmul",
+                "step_time_vs_smallest", "pixels_vs_smallest", "trace_seconds"):
+      _positive(r[key], key)
+    assert len(r["step_seconds"]) == 1
+    assert r["train_flops_per_example"] == 3 * r["forward_flops_per_example"]
+  assert set(result["flops_ratio_seed_over_unet"]) == {"16x16", "32x24", "48x36"}
+  for size, ratio in result["flops_ratio_seed_over_unet"].items():
+    _positive(ratio, size)
+
+  default = result["pipeline_over_training"]
+  assert default["architecture"] == "unet" and default["image_size"] == [32, 24]
+  for key in ("pipeline_examples_per_s", "train_examples_per_s", "ratio"):
+    _positive(default[key], key)
+
+  runs = {r["architecture"]: r for r in result["accuracy"]["runs"]}
+  assert set(runs) == {"seed", "unet"}
+  for r in runs.values():
+    assert r["train_steps"] >= 1
+    _positive(r["train_wall_seconds"], "train_wall_seconds")
+    for key in ("abs_rel", "delta1", "rmse"):
+      assert math.isfinite(r["test_metrics"][key]), (key, r["test_metrics"])
+
+  names = [t["name"] for t in result["targets"]]
+  assert len(names) == 8 and all(isinstance(t["met"], bool) for t in result["targets"])
+  # The printed report carries the same figures.
+  for heading in ("Input pipeline", "Train step", "FLOPs per example", "Default configuration",
+                  "Equal wall-clock budget", "Targets"):
+    assert heading in proc.stdout
+
+
+def test_sizes_and_bad_flags():
+  assert benchmark.parse_size("192x144") == (192, 144)
+  assert benchmark.parse_size("96,72") == (96, 72)
+  for bad in ("192", "4x4", "ax b"):
+    try:
+      benchmark.parse_size(bad)
+    except ValueError:
+      continue
+    raise AssertionError(f"{bad!r} was accepted")
+  # Flag errors are raised before any work (in-process: no TensorFlow start-up cost).
+  flags = benchmark.FLAGS
+  flags(["benchmark", "--image_sizes=32x24", "--scaling_sizes=", "--architectures=seed,unet"])
+  try:
+    with pytest.raises(app.UsageError, match="at least 3 distinct sizes"):
+      benchmark.run_benchmark()
+    flags.scaling_sizes = ["16x16", "48x36"]
+    flags.architectures = ["seed", "resnet"]
+    with pytest.raises(app.UsageError, match="unknown 'resnet'"):
+      benchmark.run_benchmark()
+  finally:
+    flags.unparse_flags()

@@ -1,0 +1,659 @@
+r"""Measures what the Performance section of the README claims, in ONE run.
+
+  python -m trainer.benchmark --json=bench.json                  # synthetic data
+  python -m trainer.benchmark --accuracy_budget_seconds=150      # + equal-time accuracy
+
+Everything is a ratio of two figures measured back to back in this process, so
+the numbers mean something on a shared, noisy machine; absolute times are
+printed for context only. What is measured:
+
+1. Input pipeline: `input_pipeline.train_dataset` (the real one: TFDS read,
+   decode, resize, Sobel target of the gradient stage, augment, batch,
+   prefetch) against a seed-style loader (PIL in a Python loop over PNG files
+   in X/ and Y/, the notebook's layout, exported untimed from the SAME TFDS
+   split), both producing the same tensors at the same size.
+2. Train step: examples/s of each architecture at each size, on one real
+   batch kept in memory (so no input pipeline cost is included), with the
+   same model, optimizer, loss and distributed step as `train.train_stage`;
+   FLOPs per example from `models.count_flops` and the share of this machine's
+   dense float32 matmul FLOP/s (measured here too).
+3. Pipeline examples/s over train-step examples/s at the default Config
+   (architecture, image size, batch): how far the input is from starving the
+   model.
+4. Step time against image pixels, several sizes per architecture.
+5. Optionally (--accuracy_budget_seconds=N): each architecture trained for the
+   same wall-clock budget with the real loop (`train.train_and_evaluate`,
+   stage rough) and evaluated on the test split.
+
+FLOP convention: `count_flops` counts one forward pass (1 MAC = 2 FLOPs,
+convolutions only); a training step is counted as 3x forward (the backward
+pass computes gradients for activations and for weights, each about one
+forward's worth).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from typing import Sequence, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from trainer import distribute
+from trainer import input_pipeline
+from trainer import models
+from trainer import precision
+from trainer import train
+from trainer.config import Config
+
+_DEFAULT = Config(model_dir="")
+_DEFAULT_SIZE = "x".join(map(str, _DEFAULT.image_size))
+
+FLAGS = flags.FLAGS
+# trainer.config defines flags of the same names for trainer.main; share them
+# when both are imported in one process (tests) instead of failing on duplicates.
+if "dataset" not in FLAGS:
+  flags.DEFINE_string("dataset", _DEFAULT.dataset,
+                      "TFDS name (record3d/synthetic, record3d/pairs, ...); built first if "
+                      "missing from --data_dir.")
+if "data_dir" not in FLAGS:
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: TFDS' own).")
+if "manual_dir" not in FLAGS:
+  flags.DEFINE_string("manual_dir", None,
+                      "Manual folder, if the dataset must be built from files.")
+flags.DEFINE_list("image_sizes", ["96x72", "192x144"],
+                  "Main sizes HxW for the architecture comparison (FLOPs, FLOP/s, share of "
+                  "matmul). Any size works for both architectures (the U-Net pads to 32).")
+flags.DEFINE_list("scaling_sizes", ["64x48", _DEFAULT_SIZE],
+                  "Extra sizes HxW for the step-time-against-pixels table; it uses these "
+                  "plus --image_sizes (at least 3 distinct sizes in all).")
+flags.DEFINE_list("architectures", list(models.ARCHITECTURES), "Architectures to time.")
+flags.DEFINE_integer("steps", 5, "Timed train steps per (architecture, size); the median counts.")
+flags.DEFINE_integer("warmup_steps", 2, "Untimed train steps after tracing, per (architecture, size).")
+flags.DEFINE_integer("batch_size", _DEFAULT.global_batch_size,
+                     "Examples per step, for the train step and both input loaders.")
+flags.DEFINE_string("pipeline_image_size", _DEFAULT_SIZE,
+                    "HxW produced by both input loaders; with the default architecture and "
+                    "--batch_size this is the 'default configuration' of the "
+                    "pipeline/training ratio.")
+flags.DEFINE_integer("pipeline_batches", 100,
+                     "Batches timed from the tf.data pipeline after its first pass (steady "
+                     "state: the decoded split is cached in memory).")
+flags.DEFINE_integer("seed_loader_examples", 256,
+                     "Training examples exported to X/ and Y/ PNG folders (untimed) and "
+                     "loaded once, timed, by the seed-style PIL loader.")
+flags.DEFINE_integer("matmul_size", 2048, "N of the N x N float32 matmul measuring peak FLOP/s.")
+flags.DEFINE_integer("matmul_repeats", 10, "Timed matmuls per measurement (the median counts).")
+flags.DEFINE_bool("jit_compile", False,
+                  "Also time each train step compiled with XLA (jit_compile=True on the "
+                  "per-replica step). The real loop does not use XLA: these rows are an "
+                  "investigation, not what training runs.")
+flags.DEFINE_integer("accuracy_budget_seconds", 0,
+                     "If > 0: train each architecture (stage rough, same Config otherwise) for "
+                     "about this many seconds with the real loop, then evaluate on the test "
+                     "split. train_steps = budget x the steps/s measured here.")
+flags.DEFINE_string("accuracy_image_size", "64x48", "HxW of the equal-budget accuracy runs.")
+flags.DEFINE_string("workdir", None,
+                    "Scratch folder (PNG export, accuracy runs); default a new temp folder.")
+flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
+
+STAGE_TIMED = "rough"  # the gradient stage has the same network; finetune nests two
+
+
+# ----------------------------------------------------------------------------
+# Small helpers: sizes, progress, machine.
+# ----------------------------------------------------------------------------
+def parse_size(text: str) -> Tuple[int, int]:
+  try:
+    height, width = (int(v) for v in text.lower().replace(",", "x").split("x"))
+  except ValueError:
+    raise ValueError(f"size {text!r} must be HxW, e.g. 128x96")
+  if height < 8 or width < 8:
+    raise ValueError(f"size {text!r}: both sides must be at least 8 pixels")
+  return height, width
+
+
+def size_name(size: Sequence[int]) -> str:
+  return f"{size[0]}x{size[1]}"
+
+
+class Progress:
+  """Logs `done/total`, elapsed and time left at most every few seconds."""
+
+  def __init__(self, what: str, total: int, every_seconds: float = 5.0):
+    self.what, self.total, self.every = what, total, every_seconds
+    self.start = self.last = time.perf_counter()
+
+  def update(self, done: int) -> None:
+    now = time.perf_counter()
+    if done < self.total and now - self.last < self.every:
+      return
+    self.last = now
+    elapsed = now - self.start
+    left = elapsed / done * (self.total - done) if done else float("nan")
+    logging.info("%s: %d/%d, %s elapsed, %s left", self.what, done, self.total,
+                 train.format_seconds(elapsed), train.format_seconds(left))
+
+
+def machine_info() -> dict:
+  cpu = "unknown"
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return {"nproc": os.cpu_count(), "cpu_model": cpu, "tensorflow": tf.__version__,
+          "keras": keras.__version__,
+          # oneDNN kernels are TF's default on x86 Linux unless this says "0".
+          "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(default)"),
+          "loadavg_start": list(os.getloadavg())}
+
+
+# ----------------------------------------------------------------------------
+# Dense matmul: this machine's practical float32 peak.
+# ----------------------------------------------------------------------------
+def measure_matmul(n: int, repeats: int) -> dict:
+  a = tf.random.normal([n, n], seed=1)
+  b = tf.random.normal([n, n], seed=2)
+
+  @tf.function
+  def matmul(a, b):
+    # Reduce to a scalar so reading the result back costs nothing (n^2 adds
+    # against 2 n^3 FLOPs).
+    return tf.reduce_sum(tf.linalg.matmul(a, b))
+
+  for _ in range(2):  # trace, then let oneDNN pick and cache its kernel
+    matmul(a, b).numpy()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).numpy()
+    times.append(time.perf_counter() - start)
+  seconds = statistics.median(times)
+  return {"n": n, "seconds_median": seconds, "flops_per_s": 2 * n**3 / seconds}
+
+
+# ----------------------------------------------------------------------------
+# Input pipeline: the real tf.data one against a seed-style PIL loader.
+# ----------------------------------------------------------------------------
+def measure_tf_data(config: Config, builder, num_batches: int) -> dict:
+  """The real training pipeline of the gradient stage (it adds the Sobel target).
+
+  first pass: the first epoch's worth of batches from a fresh iterator; every
+    example is read and decoded once (plus the shuffle buffer's fill).
+  steady: the next `num_batches`, after a few untimed ones; the split is now
+    cached in memory, as it is for the rest of training.
+  """
+  num_train = input_pipeline.num_examples(builder, "train")
+  batch = config.global_batch_size
+  first_batches = max(1, num_train // batch)
+  dataset = input_pipeline.train_dataset(config, "gradient", builder)
+  iterator = iter(dataset)
+  progress = Progress("tf.data first pass", first_batches)
+  start = time.perf_counter()
+  for i in range(first_batches):
+    next(iterator)
+    progress.update(i + 1)
+  first_seconds = time.perf_counter() - start
+  for _ in range(3):
+    next(iterator)
+  progress = Progress("tf.data steady state", num_batches)
+  start = time.perf_counter()
+  for i in range(num_batches):
+    element = next(iterator)
+    progress.update(i + 1)
+  # Batches come from the prefetch buffer as tensors; touch the last one so any
+  # lazily finished work is inside the timing.
+  element["target"].numpy()
+  steady_seconds = time.perf_counter() - start
+  return {"first_pass_examples_per_s": first_batches * batch / first_seconds,
+          "first_pass_examples": first_batches * batch,
+          "steady_examples_per_s": num_batches * batch / steady_seconds,
+          "steady_examples": num_batches * batch}
+
+
+def export_seed_folders(builder, folder: str, count: int) -> int:
+  """Untimed: the first `count` training examples as the notebook kept them,
+  RGB PNGs in X/ and 16-bit depth PNGs (millimeters) in Y/, same file names."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for sub in ("X", "Y"):
+    os.makedirs(os.path.join(folder, sub), exist_ok=True)
+  written = 0
+  for example in tfds.as_numpy(builder.as_dataset(split="train", shuffle_files=False).take(count)):
+    name = f"{written:05d}.png"
+    Image.fromarray(example["image"]).save(os.path.join(folder, "X", name))
+    depth = example["depth"].astype(np.float64)
+    depth = np.where(np.isfinite(depth), depth, 0.0)
+    millimeters = np.clip(np.round(depth * 1000.0), 0, 65535).astype(np.uint16)
+    Image.fromarray(millimeters).save(os.path.join(folder, "Y", name))
+    written += 1
+  return written
+
+
+def _numpy_sobel_magnitude(depth: np.ndarray, mask: np.ndarray):
+  """Sobel magnitude / 8 with the same masking rule as depth_ops.sobel_magnitude."""
+  d = np.pad(depth * mask, 1)
+  gx = (d[:-2, 2:] + 2 * d[1:-1, 2:] + d[2:, 2:]) - (d[:-2, :-2] + 2 * d[1:-1, :-2] + d[2:, :-2])
+  gy = (d[2:, :-2] + 2 * d[2:, 1:-1] + d[2:, 2:]) - (d[:-2, :-2] + 2 * d[:-2, 1:-1] + d[:-2, 2:])
+  m = np.pad(mask, 1)
+  neighbours = sum(m[i:i + mask.shape[0], j:j + mask.shape[1]] for i in range(3) for j in range(3))
+  target_mask = (neighbours > 8.5).astype(np.float32)
+  return np.sqrt(gx * gx + gy * gy) / 8.0 * target_mask, target_mask
+
+
+def seed_style_batches(folder: str, size: Tuple[int, int], batch: int, config: Config, seed: int = 0):
+  """The notebook's way: list X/ and Y/, match by sorted name, decode each PNG
+  with PIL in a Python loop, resize, stack into numpy batches. Produces the
+  same tensors as the tf.data pipeline (image, depth, mask, Sobel target and
+  its mask) minus augmentation, which the seed did not have."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  xs = sorted(os.listdir(os.path.join(folder, "X")))
+  ys = sorted(os.listdir(os.path.join(folder, "Y")))
+  order = np.random.default_rng(seed).permutation(len(xs))  # model.fit shuffled
+  height, width = size
+  for start in range(0, len(order) - batch + 1, batch):
+    out = {k: [] for k in ("image", "depth", "mask", "target", "target_mask")}
+    for i in order[start:start + batch]:
+      with Image.open(os.path.join(folder, "X", xs[i])) as rgb:
+        image = rgb.convert("RGB").resize((width, height), Image.BILINEAR)
+      image = np.asarray(image, np.float32) / 255.0
+      with Image.open(os.path.join(folder, "Y", ys[i])) as png:
+        depth = png.convert("I").resize((width, height), Image.NEAREST)
+      depth = np.asarray(depth, np.float32) / 1000.0
+      mask = ((depth > config.min_depth) & (depth < config.max_depth)).astype(np.float32)
+      depth *= mask
+      target, target_mask = _numpy_sobel_magnitude(depth, mask)
+      for key, value in (("image", image), ("depth", depth[..., None]), ("mask", mask[..., None]),
+                         ("target", target[..., None]), ("target_mask", target_mask[..., None])):
+        out[key].append(value)
+    yield {k: np.stack(v) for k, v in out.items()}
+
+
+def measure_seed_loader(folder: str, size, batch: int, config: Config) -> dict:
+  count = len(os.listdir(os.path.join(folder, "X")))
+  total = count // batch
+  progress = Progress("seed-style PIL loader", total)
+  start = time.perf_counter()
+  examples = 0
+  for i, element in enumerate(seed_style_batches(folder, size, batch, config)):
+    examples += element["image"].shape[0]
+    progress.update(i + 1)
+  seconds = time.perf_counter() - start
+  return {"examples_per_s": examples / seconds, "examples": examples}
+
+
+# ----------------------------------------------------------------------------
+# Train step: the real model, optimizer, loss and distributed step.
+# ----------------------------------------------------------------------------
+def make_train_loop(config: Config, stage: str, strategy, policy: str, jit_compile: bool):
+  """(model, train_loop) built as train.train_stage builds them.
+
+  The step function and the loop below mirror train.train_stage's (which
+  defines them inline); keep them in step with it.
+  """
+  with strategy.scope():
+    model = train.build_stage_model(config, stage)
+    optimizer = precision.wrap_optimizer(
+        keras.optimizers.Adam(train.learning_rate_schedule(config)), policy)
+    optimizer.build(model.trainable_variables)
+  loss_fn = train.stage_loss(config, stage)
+  global_batch = config.global_batch_size
+
+  def step_fn(batch):
+    with tf.GradientTape() as tape:
+      prediction = model(batch["image"], training=True)
+      per_example = loss_fn(batch["target"], prediction, batch["target_mask"])
+      loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+      scaled = optimizer.scale_loss(loss)
+    grads = tape.gradient(scaled, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return loss
+
+  if jit_compile:
+    step_fn = tf.function(step_fn, jit_compile=True)
+
+  @tf.function
+  def train_loop(iterator, num_steps):
+    total = tf.constant(0.0)
+    for _ in tf.range(num_steps):
+      per_replica = strategy.run(step_fn, args=(next(iterator),))
+      total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    return total / tf.cast(num_steps, tf.float32)
+
+  return model, train_loop
+
+
+def one_real_batch(config: Config, builder) -> dict:
+  """One training batch from the real pipeline (a small shuffle buffer: cheap)."""
+  small = dataclasses.replace(config, shuffle_buffer=config.global_batch_size)
+  return next(iter(input_pipeline.train_dataset(small, STAGE_TIMED, builder)))
+
+
+def measure_train_step(config: Config, builder, strategy, policy: str, steps: int,
+                       warmup_steps: int, jit_compile: bool = False) -> dict:
+  """Median seconds of one train step on a batch held in memory."""
+  batch = one_real_batch(config, builder)
+  model, train_loop = make_train_loop(config, STAGE_TIMED, strategy, policy, jit_compile)
+  # The batch is repeated from memory, so the timing holds the step alone.
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: tf.data.Dataset.from_tensors(batch).repeat())
+  iterator = iter(dataset)
+  label = f"train step {config.architecture} {size_name(config.image_size)}" + (
+      " xla" if jit_compile else "")
+  start = time.perf_counter()
+  float(train_loop(iterator, tf.constant(1)))  # tracing (and XLA compile)
+  trace_seconds = time.perf_counter() - start
+  for _ in range(warmup_steps):
+    float(train_loop(iterator, tf.constant(1)))
+  progress = Progress(label, steps)
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    loss = float(train_loop(iterator, tf.constant(1)))  # float(): waits for the step
+    times.append(time.perf_counter() - start)
+    progress.update(i + 1)
+  if not math.isfinite(loss):
+    logging.warning("%s: loss is %s (timing still valid, the numbers are not)", label, loss)
+  seconds = statistics.median(times)
+  forward = models.count_flops(model, config.image_size)
+  return {"architecture": config.architecture, "image_size": list(config.image_size),
+          "pixels": config.image_size[0] * config.image_size[1],
+          "batch_size": config.global_batch_size, "jit_compile": jit_compile,
+          "trace_seconds": trace_seconds, "step_seconds_median": seconds,
+          "step_seconds": times, "examples_per_s": config.global_batch_size / seconds,
+          "forward_flops_per_example": forward, "train_flops_per_example": 3 * forward}
+
+
+# ----------------------------------------------------------------------------
+# Equal wall-clock budget accuracy, through the real loop.
+# ----------------------------------------------------------------------------
+def accuracy_run(base: Config, architecture: str, steps_per_s: float, budget: float,
+                 workdir: str) -> dict:
+  """train_steps = budget x measured steps/s; the real loop (train.setup_run,
+  train.train_stage) trains, then train.evaluate_stage scores the test split."""
+  steps = max(1, int(round(budget * steps_per_s)))
+  config = dataclasses.replace(
+      base, model_dir=os.path.join(workdir, f"accuracy_{architecture}"),
+      architecture=architecture, stage="rough", train_steps=steps, mode="train",
+      log_every_steps=max(1, min(50, steps // 10)), checkpoint_every_steps=steps,
+      eval_split="test", num_eval_examples=0)
+  logging.info("accuracy %s: %d steps (%.3f steps/s measured x %.0f s budget)",
+               architecture, steps, steps_per_s, budget)
+  run = train.setup_run(config)
+  start = time.perf_counter()
+  # mode=train: train_stage trains (model build, tracing, input pipeline, steps,
+  # final checkpoint) and skips its own evaluation, which is not training time.
+  stage = train.train_stage(run, "rough")
+  train_seconds = time.perf_counter() - start
+  metrics = train.evaluate_stage(run, "rough", stage.model, stage.step,
+                                 tf.summary.create_noop_writer())
+  metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+  return {"architecture": architecture, "train_steps": steps, "steps_per_s_measured": steps_per_s,
+          "train_wall_seconds": train_seconds, "test_metrics": metrics}
+
+
+# ----------------------------------------------------------------------------
+# Report.
+# ----------------------------------------------------------------------------
+def _table(headers, rows) -> str:
+  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _g(value: float, digits: int = 3) -> str:
+  return f"{value:.{digits}g}"
+
+
+def format_report(result: dict) -> str:
+  m, p, d = result["machine"], result["input_pipeline"], result["pipeline_over_training"]
+  out = [f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, TensorFlow {m['tensorflow']}, "
+         f"load average at start {m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}.",
+         f"Dense float32 matmul ({result['matmul']['n']}^2): "
+         f"{result['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s (best of the measurements "
+         f"before and after the train steps: "
+         f"{', '.join(_g(v / 1e9) for v in result['matmul']['measurements'])}).", ""]
+  out.append(f"Input pipeline, {p['image_size'][0]}x{p['image_size'][1]}, batch "
+             f"{p['batch_size']}, gradient stage (examples/s):")
+  out.append(_table(
+      ["loader", "examples/s", "vs seed-style loader"],
+      [["seed-style PIL loop over X/ Y/ PNGs", _g(p["seed_loader_examples_per_s"]), "1"],
+       ["tf.data first pass (decode every example)", _g(p["tfdata_first_pass_examples_per_s"]),
+        f"{p['ratio_first_pass']:.2f}x"],
+       ["tf.data steady state (decoded split cached)", _g(p["tfdata_steady_examples_per_s"]),
+        f"{p['ratio_steady']:.2f}x"]]))
+  out.append("")
+  out.append(f"Train step (batch {result['config']['batch_size']}, stage {STAGE_TIMED}, "
+             "training FLOPs = 3 x forward):")
+  rows = []
+  for r in result["train_step"]:
+    rows.append([r["architecture"] + (" (XLA)" if r["jit_compile"] else ""),
+                 size_name(r["image_size"]), r["pixels"], f"{1000 * r['step_seconds_median']:.0f}",
+                 _g(r["examples_per_s"]), _g(r["forward_flops_per_example"] / 1e9),
+                 _g(r["achieved_flops_per_s"] / 1e9), f"{100 * r['fraction_of_matmul']:.0f}%",
+                 f"{r['step_time_vs_smallest']:.2f}", f"{r['pixels_vs_smallest']:.2f}"])
+  out.append(_table(["arch", "HxW", "pixels", "ms/step", "examples/s", "fwd GFLOP/ex",
+                     "GFLOP/s", "of matmul", "step time x", "pixels x"], rows))
+  out.append("")
+  out.append("FLOPs per example, seed / unet: " + ", ".join(
+      f"{k} {v:.1f}x" for k, v in result["flops_ratio_seed_over_unet"].items()))
+  out.append(f"Default configuration ({d['architecture']}, {size_name(d['image_size'])}, batch "
+             f"{d['batch_size']}): pipeline {_g(d['pipeline_examples_per_s'])} examples/s / "
+             f"training {_g(d['train_examples_per_s'])} examples/s = {d['ratio']:.1f}x")
+  if result.get("accuracy"):
+    out.append("")
+    out.append(f"Equal wall-clock budget ({result['accuracy']['budget_seconds']} s, stage rough, "
+               f"{size_name(result['accuracy']['image_size'])}), test split:")
+    rows = []
+    for r in result["accuracy"]["runs"]:
+      t = r["test_metrics"]
+      rows.append([r["architecture"], r["train_steps"], f"{r['train_wall_seconds']:.0f}",
+                   _g(t.get("abs_rel", float("nan"))), _g(t.get("delta1", float("nan"))),
+                   _g(t.get("rmse", float("nan")))])
+    out.append(_table(["arch", "steps", "train wall s", "abs_rel", "delta1", "rmse m"], rows))
+  out.append("")
+  out.append("Targets:")
+  out.append(_table(["target", "measured", "met"],
+                    [[t["name"], t["measured"], "yes" if t["met"] else "NO"]
+                     for t in result["targets"]]))
+  return "\n".join(out)
+
+
+def targets(result: dict) -> list:
+  p, d = result["input_pipeline"], result["pipeline_over_training"]
+  out = [
+      {"name": "tf.data >= 3x seed-style loader (first pass, decoding included)",
+       "measured": f"{p['ratio_first_pass']:.2f}x", "met": p["ratio_first_pass"] >= 3},
+      {"name": "pipeline >= 5x training consumption (default configuration)",
+       "measured": f"{d['ratio']:.1f}x", "met": d["ratio"] >= 5}]
+  main_sizes = [tuple(s) for s in result["config"]["image_sizes"]]
+  for r in result["train_step"]:
+    if r["architecture"] == "seed" and not r["jit_compile"] and tuple(r["image_size"]) in main_sizes:
+      out.append({"name": f"seed body >= 60% of matmul FLOP/s ({size_name(r['image_size'])})",
+                  "measured": f"{100 * r['fraction_of_matmul']:.0f}%",
+                  "met": r["fraction_of_matmul"] >= 0.6})
+  for size, ratio in result["flops_ratio_seed_over_unet"].items():
+    if tuple(parse_size(size)) in main_sizes:
+      out.append({"name": f"unet >= 10x fewer FLOPs/example than seed ({size})",
+                  "measured": f"{ratio:.1f}x", "met": ratio >= 10})
+  if result.get("accuracy"):
+    runs = {r["architecture"]: r["test_metrics"] for r in result["accuracy"]["runs"]}
+    if "seed" in runs and "unet" in runs:
+      s, u = runs["seed"], runs["unet"]
+      out.append({"name": "unet abs_rel <= seed's after the same wall-clock budget",
+                  "measured": f"{u['abs_rel']:.3g} vs {s['abs_rel']:.3g}",
+                  "met": u["abs_rel"] <= s["abs_rel"]})
+      out.append({"name": "unet delta1 >= seed's after the same wall-clock budget",
+                  "measured": f"{u['delta1']:.3g} vs {s['delta1']:.3g}",
+                  "met": u["delta1"] >= s["delta1"]})
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------
+def run_benchmark() -> dict:
+  image_sizes = [parse_size(s) for s in FLAGS.image_sizes]
+  pipeline_size = parse_size(FLAGS.pipeline_image_size)
+  scaling = sorted(set(image_sizes) | {parse_size(s) for s in FLAGS.scaling_sizes},
+                   key=lambda s: (s[0] * s[1], s))
+  if len(scaling) < 3:
+    raise app.UsageError("step time against pixels needs at least 3 distinct sizes in "
+                         "--image_sizes + --scaling_sizes")
+  for arch in FLAGS.architectures:
+    if arch not in models.ARCHITECTURES:
+      raise app.UsageError(f"--architectures: unknown {arch!r}; valid {models.ARCHITECTURES}")
+  if min(FLAGS.steps, FLAGS.batch_size, FLAGS.pipeline_batches, FLAGS.matmul_repeats) < 1:
+    raise app.UsageError("--steps, --batch_size, --pipeline_batches and --matmul_repeats must be >= 1")
+  if FLAGS.seed_loader_examples < FLAGS.batch_size:
+    raise app.UsageError("--seed_loader_examples must be at least --batch_size")
+  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="depth2d_benchmark_")
+  os.makedirs(workdir, exist_ok=True)
+  base = Config(model_dir=workdir, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+                manual_dir=FLAGS.manual_dir, global_batch_size=FLAGS.batch_size)
+  result = {"machine": machine_info(),
+            "config": {"dataset": FLAGS.dataset, "batch_size": FLAGS.batch_size,
+                       "image_sizes": [list(s) for s in image_sizes],
+                       "scaling_sizes": [list(s) for s in scaling],
+                       "architectures": list(FLAGS.architectures), "steps": FLAGS.steps,
+                       "warmup_steps": FLAGS.warmup_steps, "stage_timed": STAGE_TIMED,
+                       "flops_convention": "forward from models.count_flops (1 MAC = 2 "
+                                           "FLOPs, convolutions); training = 3 x forward"}}
+  started = time.perf_counter()
+  builder = input_pipeline.prepare_dataset(base, may_build=True)
+  strategy = distribute.get_distribution_strategy(base.strategy, num_devices=base.num_devices)
+  policy = precision.resolve_policy(base.mixed_precision, strategy)
+  precision.set_global_policy(policy)
+  keras.utils.set_random_seed(base.seed)
+
+  # The steps whose work is known in advance, for an overall count in the logs.
+  default_point = (base.architecture, pipeline_size)
+  points = [(a, s) for a in FLAGS.architectures for s in scaling]
+  if default_point not in points:
+    points.append(default_point)
+  phases = 3 + len(points) * (2 if FLAGS.jit_compile else 1) + (
+      2 if FLAGS.accuracy_budget_seconds > 0 else 0)
+  phase = [0]
+
+  def begin(what: str) -> None:
+    phase[0] += 1
+    logging.info("=== phase %d/%d: %s (%s since start)", phase[0], phases, what,
+                 train.format_seconds(time.perf_counter() - started))
+
+  # 1. Input pipelines, same files, same output size.
+  begin("matmul peak")
+  matmul = [measure_matmul(FLAGS.matmul_size, FLAGS.matmul_repeats)]
+  begin("input pipeline: tf.data")
+  pipeline_config = dataclasses.replace(base, image_size=pipeline_size)
+  tf_data = measure_tf_data(pipeline_config, builder, FLAGS.pipeline_batches)
+  begin("input pipeline: seed-style PIL loader")
+  folder = os.path.join(workdir, "seed_png")
+  count = export_seed_folders(builder, folder, FLAGS.seed_loader_examples)
+  if count < FLAGS.batch_size:
+    raise ValueError(f"only {count} training examples: fewer than --batch_size")
+  seed_loader = measure_seed_loader(folder, pipeline_size, FLAGS.batch_size, pipeline_config)
+  result["input_pipeline"] = {
+      "image_size": list(pipeline_size), "batch_size": FLAGS.batch_size, "stage": "gradient",
+      "tfdata_first_pass_examples_per_s": tf_data["first_pass_examples_per_s"],
+      "tfdata_steady_examples_per_s": tf_data["steady_examples_per_s"],
+      "tfdata_first_pass_examples": tf_data["first_pass_examples"],
+      "tfdata_steady_examples": tf_data["steady_examples"],
+      "seed_loader_examples_per_s": seed_loader["examples_per_s"],
+      "seed_loader_examples": seed_loader["examples"],
+      "ratio_first_pass": tf_data["first_pass_examples_per_s"] / seed_loader["examples_per_s"],
+      "ratio_steady": tf_data["steady_examples_per_s"] / seed_loader["examples_per_s"]}
+
+  # 2 and 4. Train steps (default configuration included for 3).
+  steps = []
+  for arch, size in points:
+    config = dataclasses.replace(base, architecture=arch, image_size=size)
+    begin(f"train step {arch} {size_name(size)}")
+    steps.append(measure_train_step(config, builder, strategy, policy, FLAGS.steps,
+                                    FLAGS.warmup_steps))
+    if FLAGS.jit_compile:
+      begin(f"train step {arch} {size_name(size)} with XLA")
+      steps.append(measure_train_step(config, builder, strategy, policy, FLAGS.steps,
+                                      FLAGS.warmup_steps, jit_compile=True))
+    keras.backend.clear_session()  # free the previous models' graphs...
+    precision.set_global_policy(policy)  # ...which also resets Keras' global dtype policy
+  matmul.append(measure_matmul(FLAGS.matmul_size, FLAGS.matmul_repeats))
+  peak = max(m["flops_per_s"] for m in matmul)
+  result["matmul"] = {"n": FLAGS.matmul_size, "flops_per_s": peak,
+                      "measurements": [m["flops_per_s"] for m in matmul]}
+  for r in steps:
+    r["achieved_flops_per_s"] = r["train_flops_per_example"] * r["examples_per_s"]
+    r["fraction_of_matmul"] = r["achieved_flops_per_s"] / peak
+    smallest = min((s for s in steps if s["architecture"] == r["architecture"]
+                    and s["jit_compile"] == r["jit_compile"]), key=lambda s: s["pixels"])
+    r["step_time_vs_smallest"] = r["step_seconds_median"] / smallest["step_seconds_median"]
+    r["pixels_vs_smallest"] = r["pixels"] / smallest["pixels"]
+  result["train_step"] = steps
+  by_point = {(r["architecture"], tuple(r["image_size"])): r for r in steps if not r["jit_compile"]}
+  result["flops_ratio_seed_over_unet"] = {
+      size_name(s): by_point[("seed", s)]["forward_flops_per_example"]
+      / by_point[("unet", s)]["forward_flops_per_example"]
+      for s in scaling if ("seed", s) in by_point and ("unet", s) in by_point}
+  default_step = by_point[default_point]
+  result["pipeline_over_training"] = {
+      "architecture": base.architecture, "image_size": list(pipeline_size),
+      "batch_size": FLAGS.batch_size,
+      "pipeline_examples_per_s": tf_data["steady_examples_per_s"],
+      "train_examples_per_s": default_step["examples_per_s"],
+      "ratio": tf_data["steady_examples_per_s"] / default_step["examples_per_s"]}
+
+  # 5. Equal wall-clock budget.
+  if FLAGS.accuracy_budget_seconds > 0:
+    accuracy_size = parse_size(FLAGS.accuracy_image_size)
+    runs = []
+    for arch in FLAGS.architectures:
+      rate = by_point.get((arch, accuracy_size))
+      if rate is None:  # not timed above: time it now, the same way
+        config = dataclasses.replace(base, architecture=arch, image_size=accuracy_size)
+        rate = measure_train_step(config, builder, strategy, policy, FLAGS.steps,
+                                  FLAGS.warmup_steps)
+        keras.backend.clear_session()
+        precision.set_global_policy(policy)
+      begin(f"accuracy run {arch} ({FLAGS.accuracy_budget_seconds} s budget)")
+      runs.append(accuracy_run(dataclasses.replace(base, image_size=accuracy_size), arch,
+                               1.0 / rate["step_seconds_median"],
+                               FLAGS.accuracy_budget_seconds, workdir))
+    result["accuracy"] = {"budget_seconds": FLAGS.accuracy_budget_seconds,
+                          "image_size": list(accuracy_size),
+                          "steps_from": "budget x steps/s of the train-step measurement "
+                                        "above (step alone, no input pipeline)",
+                          "runs": runs}
+
+  result["machine"]["loadavg_end"] = list(os.getloadavg())
+  result["total_seconds"] = time.perf_counter() - started
+  result["targets"] = targets(result)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    result = run_benchmark()
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  print(format_report(result), flush=True)
+  if FLAGS.json:
+    with tf.io.gfile.GFile(FLAGS.json, "w") as f:
+      json.dump(result, f, indent=2)
+    logging.info("wrote %s", FLAGS.json)
+
+
+if __name__ == "__main__":
+  app.run(main)
