@@ -82,7 +82,7 @@ def test_benchmark_reports_every_figure(tiny_record3d, tmp_path):
       assert math.isfinite(r["test_metrics"][key]), (key, r["test_metrics"])
 
   names = [t["name"] for t in result["targets"]]
-  assert len(names) == 8 and all(isinstance(t["met"], bool) for t in result["targets"])
+  assert len(names) == 9 and all(isinstance(t["met"], bool) for t in result["targets"])
   # The printed report carries the same figures.
   for heading in ("Input pipeline", "Train step", "FLOPs per example", "Default configuration",
                   "Equal wall-clock budget", "Targets"):

@@ -442,7 +442,7 @@ def format_report(result: dict) -> str:
     rows.append([r["architecture"] + (" (XLA)" if r["jit_compile"] else ""),
                  size_name(r["image_size"]), r["pixels"], f"{1000 * r['step_seconds_median']:.0f}",
                  _g(r["examples_per_s"]), _g(r["forward_flops_per_example"] / 1e9),
-                 _g(r["achieved_flops_per_s"] / 1e9), f"{100 * r['fraction_of_matmul']:.0f}%",
+                 _g(r["achieved_flops_per_s"] / 1e9), f"{100 * r['fraction_of_matmul']:.1f}%",
                  f"{r['step_time_vs_smallest']:.2f}", f"{r['pixels_vs_smallest']:.2f}"])
   out.append(_table(["arch", "HxW", "pixels", "ms/step", "examples/s", "fwd GFLOP/ex",
                      "GFLOP/s", "of matmul", "step time x", "pixels x"], rows))
@@ -474,15 +474,18 @@ def format_report(result: dict) -> str:
 def targets(result: dict) -> list:
   p, d = result["input_pipeline"], result["pipeline_over_training"]
   out = [
-      {"name": "tf.data >= 3x seed-style loader (first pass, decoding included)",
+      {"name": "tf.data >= 3x seed-style loader, first pass (every example decoded)",
        "measured": f"{p['ratio_first_pass']:.2f}x", "met": p["ratio_first_pass"] >= 3},
+      {"name": "tf.data >= 3x seed-style loader, steady state (what training sees after "
+               "the first epoch)",
+       "measured": f"{p['ratio_steady']:.2f}x", "met": p["ratio_steady"] >= 3},
       {"name": "pipeline >= 5x training consumption (default configuration)",
        "measured": f"{d['ratio']:.1f}x", "met": d["ratio"] >= 5}]
   main_sizes = [tuple(s) for s in result["config"]["image_sizes"]]
   for r in result["train_step"]:
     if r["architecture"] == "seed" and not r["jit_compile"] and tuple(r["image_size"]) in main_sizes:
       out.append({"name": f"seed body >= 60% of matmul FLOP/s ({size_name(r['image_size'])})",
-                  "measured": f"{100 * r['fraction_of_matmul']:.0f}%",
+                  "measured": f"{100 * r['fraction_of_matmul']:.1f}%",
                   "met": r["fraction_of_matmul"] >= 0.6})
   for size, ratio in result["flops_ratio_seed_over_unet"].items():
     if tuple(parse_size(size)) in main_sizes:
