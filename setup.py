@@ -27,6 +27,8 @@ CLOUD = [
 
 TEST = CLOUD + [
     "pytest>=8,<10",
+    "dill>=0.3",  # tfds.testing imports it
+    "PyYAML>=6",  # the launch tests read back the gcloud YAML
     "gcp-storage-emulator>=2024.0",
 ]
 

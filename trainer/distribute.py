@@ -139,7 +139,7 @@ def get_distribution_strategy(name: str = "auto",
       resolver = _connect_tpu(tpu or "local")
       logging.info("auto strategy: found a TPU through %r", tpu or "local")
       return tf.distribute.TPUStrategy(resolver)
-    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+    except (ValueError, RuntimeError, OSError, tf.errors.OpError) as e:
       logging.warning("auto strategy: a TPU was hinted but not found (%s); "
                       "falling back to GPUs/CPU", e)
   resolved = resolve_strategy_name(name, len(gpus), tpu, environ, tpu_found=False)
@@ -182,7 +182,7 @@ def get_distribution_strategy(name: str = "auto",
   if resolved == "tpu":
     try:
       resolver = _connect_tpu(tpu or "local")
-    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+    except (ValueError, RuntimeError, OSError, tf.errors.OpError) as e:
       raise ValueError(
           f"--strategy=tpu could not reach the TPU {tpu or 'local'!r}: {e}. "
           "Pass --tpu=NAME (TPU node) or --tpu=local (TPU VM).") from e

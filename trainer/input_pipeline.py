@@ -137,7 +137,7 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   seeds = tf.data.Dataset.random(seed=config.seed + 1000 * pipeline_id).batch(2)
   ds = tf.data.Dataset.zip(ds, seeds)
   ds = ds.map(lambda ex, seed: preprocess(ex, config, stage, True, seed),
-              num_parallel_calls=AUTOTUNE, deterministic=False)
+              num_parallel_calls=AUTOTUNE)
   ds = ds.batch(_per_replica_batch(config, input_context), drop_remainder=True)
   return ds.prefetch(AUTOTUNE)
 

@@ -110,10 +110,20 @@ class Upsample2x(keras.layers.Layer):
 # it returns the float32 output tensor [B,H,W,1].
 
 
+def batch_norm(**kwargs):
+  """BatchNorm whose training statistics cover the GLOBAL batch under tf.distribute.
+
+  Per-replica batches are tiny (the seed trained with 2 examples), so replica-local
+  statistics would be noisy and would make N replicas train differently from one
+  device with the same global batch. With one replica the all-reduce is a no-op.
+  """
+  return keras.layers.BatchNormalization(synchronized=True, **kwargs)
+
+
 def _seed_first_block(image):
   x = keras.layers.Conv2D(SEED_FILTERS[0], 3, padding="same", activation="relu",
                           name="conv1")(image)
-  return keras.layers.BatchNormalization(name="bn1")(x)
+  return batch_norm(name="bn1")(x)
 
 
 def _seed_body(image, gradient=None):
@@ -125,10 +135,10 @@ def _seed_body(image, gradient=None):
   for i, filters in enumerate(SEED_FILTERS[1:], start=2):
     x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
                             name=f"conv{i}")(x)
-    x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+    x = batch_norm(name=f"bn{i}")(x)
   x = keras.layers.Conv2DTranspose(50, (3, 2), strides=1, padding="same",
                                    name="deconv")(x)
-  x = keras.layers.BatchNormalization(name=f"bn{len(SEED_FILTERS) + 1}")(x)
+  x = batch_norm(name=f"bn{len(SEED_FILTERS) + 1}")(x)
   return keras.layers.Conv2D(1, 3, padding="same", activation="relu",
                              dtype="float32", name="output")(x)
 
@@ -136,14 +146,14 @@ def _seed_body(image, gradient=None):
 def _conv_bn_relu(x, filters, strides, name):
   x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
                           name=f"{name}_conv")(x)
-  x = keras.layers.BatchNormalization(momentum=UNET_BN_MOMENTUM, name=f"{name}_bn")(x)
+  x = batch_norm(momentum=UNET_BN_MOMENTUM, name=f"{name}_bn")(x)
   return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
 def _sep_bn_relu(x, filters, strides, name, kernel_size=3):
   x = keras.layers.SeparableConv2D(filters, kernel_size, strides=strides, padding="same",
                                    use_bias=False, name=f"{name}_sep")(x)
-  x = keras.layers.BatchNormalization(momentum=UNET_BN_MOMENTUM, name=f"{name}_bn")(x)
+  x = batch_norm(momentum=UNET_BN_MOMENTUM, name=f"{name}_bn")(x)
   return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
