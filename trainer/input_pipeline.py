@@ -66,6 +66,11 @@ def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
 def preprocess(example: dict, config: Config, stage: str, training: bool,
                seed: Optional[tf.Tensor] = None) -> dict:
   """Decoded TFDS example -> training tensors (see module docstring)."""
+  return finish_example(resize_example(example, config), stage, training and config.augment, seed)
+
+
+def resize_example(example: dict, config: Config) -> dict:
+  """The deterministic part: {image [H,W,3] in [0,1], depth [H,W,1] meters, 0 invalid}."""
   image = tf.image.convert_image_dtype(example["image"], tf.float32)  # [Hi,Wi,3] in [0,1]
   image = tf.image.resize(image, config.image_size, method="bilinear", antialias=True)
   image = tf.clip_by_value(image, 0.0, 1.0)  # antialiasing can overshoot slightly
@@ -75,10 +80,15 @@ def preprocess(example: dict, config: Config, stage: str, training: bool,
   depth = tf.where(in_range, depth, tf.zeros_like(depth))  # 0 = invalid from here on
   depth = depth_ops.resize_depth(depth, config.image_size, method=config.depth_resize)
   depth = tf.ensure_shape(depth, (*config.image_size, 1))
+  return {"image": image, "depth": depth}
 
-  if training and config.augment:
+
+def finish_example(resized: dict, stage: str, augment_it: bool,
+                   seed: Optional[tf.Tensor] = None) -> dict:
+  """The per-epoch part: augmentation, mask and the stage's target."""
+  image, depth = resized["image"], resized["depth"]
+  if augment_it:
     image, depth = augment(image, depth, seed)
-
   mask = tf.cast(depth > 0, tf.float32)
   features = {"image": image, "depth": depth, "mask": mask}
   features.update(make_target(depth, mask, stage))
@@ -130,24 +140,30 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   read_config = tfds.ReadConfig(shuffle_seed=config.seed, try_autocache=False)
   ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
   ds = _shard(ds, input_context)
-  ds = ds.cache() if _fits_in_memory(builder, split) else ds
+  ds = ds.map(lambda ex: resize_example(ex, config), num_parallel_calls=AUTOTUNE)
+  # Decoding and resizing are the same every epoch: cache their output when the
+  # split fits in memory at the training size, and redo only augmentation and
+  # targets per epoch.
+  if _cached_bytes(builder, split, config) < CACHE_LIMIT_BYTES:
+    ds = ds.cache()
   ds = ds.repeat().shuffle(config.shuffle_buffer, seed=config.seed)
   pipeline_id = input_context.input_pipeline_id if input_context else 0
   # One stateless seed per example, different on every worker and every epoch.
   seeds = tf.data.Dataset.random(seed=config.seed + 1000 * pipeline_id).batch(2)
   ds = tf.data.Dataset.zip(ds, seeds)
-  ds = ds.map(lambda ex, seed: preprocess(ex, config, stage, True, seed),
+  ds = ds.map(lambda resized, seed: finish_example(resized, stage, config.augment, seed),
               num_parallel_calls=AUTOTUNE)
   ds = ds.batch(_per_replica_batch(config, input_context), drop_remainder=True)
   return ds.prefetch(AUTOTUNE)
 
 
-def _fits_in_memory(builder, split: str) -> bool:
-  """Cache decoded examples when the split is small (decoding PNG/zlib dominates)."""
-  try:
-    return builder.info.splits[split].num_bytes < 2 * 1024**3
-  except (KeyError, TypeError):
-    return False
+CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+def _cached_bytes(builder, split: str, config: Config) -> int:
+  """Memory the resized split takes: float32 RGB + depth at the training size."""
+  height, width = config.image_size
+  return num_examples(builder, split) * height * width * 4 * 4
 
 
 def eval_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,

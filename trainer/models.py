@@ -1,7 +1,7 @@
 """Depth networks: the seed's body and an efficient U-Net, for the three stages.
 
 Every network maps one input, `image` float32 [B, H, W, 3] in [0, 1], to
-[B, H, W, 1] float32 (ReLU output, as the seed):
+[B, H, W, 1] float32, never negative (the seed: ReLU output; the U-Net: softplus):
 - stage "rough" / "finetune": depth in meters;
 - stage "gradient": the Sobel gradient magnitude of the depth, in meters per
   pixel (`depth_ops.sobel_magnitude`).
@@ -175,7 +175,10 @@ def _unet_body(image, gradient=None):
            encoder feature of that stride, separable 3x3 conv (256, 128, 96,
            48, 24)
   Cost: ~12.4 k MACs per (padded) pixel, 33x fewer than the seed's 413.7 k.
-  output   [B, H', W', 1] 3x3 conv + ReLU (float32), cropped to [B, H, W, 1]
+  output   [B, H', W', 1] 3x3 conv + softplus (float32), cropped to [B, H, W, 1].
+           Softplus, not the seed's ReLU: a ReLU output can die for good (a
+           600-step rough run at 64x48 ended with every prediction 0, abs_rel
+           0.91, while softplus always passes a gradient).
   """
   x = PadToMultiple(UNET_STRIDE, name="pad")(image)
   x = _conv_bn_relu(x, UNET_STEM, 1, "stem")
@@ -197,7 +200,7 @@ def _unet_body(image, gradient=None):
     x = Upsample2x(name=f"up{level}")(x)
     x = keras.layers.Concatenate(axis=-1, name=f"skip{level}")([x, skips[level]])
     x = _sep_bn_relu(x, UNET_DECODER[len(UNET_DECODER) - 1 - level], 1, f"dec{level}")
-  x = keras.layers.Conv2D(1, 3, padding="same", activation="relu", dtype="float32",
+  x = keras.layers.Conv2D(1, 3, padding="same", activation="softplus", dtype="float32",
                           name="output_padded")(x)
   return CropLike(dtype="float32", name="output")([x, image])
 

@@ -137,6 +137,17 @@ def build_stage_model(config: Config, stage: str, restore_gradient: bool = True)
                               freeze_gradient=config.freeze_gradient)
 
 
+def build_model_and_optimizer(config: Config, stage: str, strategy: tf.distribute.Strategy,
+                              policy: str):
+  """The stage's network and its Adam (loss-scaled for float16), in the strategy's scope."""
+  with strategy.scope():
+    model = build_stage_model(config, stage)
+    optimizer = precision.wrap_optimizer(
+        keras.optimizers.Adam(learning_rate_schedule(config)), policy)
+    optimizer.build(model.trainable_variables)
+  return model, optimizer
+
+
 def restore_gradient_network(config: Config, network: keras.Model) -> None:
   directory = checkpoint_dir(config, "gradient")
   latest = tf.train.latest_checkpoint(directory)
@@ -198,11 +209,7 @@ def train_stage(run: Run, stage: str) -> StageResult:
       lambda ctx: input_pipeline.train_dataset(config, stage, run.builder, ctx))
 
   # --- Model, optimizer, checkpoint.
-  with strategy.scope():
-    model = build_stage_model(config, stage)
-    optimizer = precision.wrap_optimizer(
-        keras.optimizers.Adam(learning_rate_schedule(config)), run.policy)
-    optimizer.build(model.trainable_variables)
+  model, optimizer = build_model_and_optimizer(config, stage, strategy, run.policy)
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
   write_dir = distribute.worker_write_dir(ckpt_dir, strategy)
   manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=config.keep_checkpoints)
@@ -221,24 +228,7 @@ def train_stage(run: Run, stage: str) -> StageResult:
     elif path:
       logging.info("%s: saved checkpoint %s (%s)", stage, path, reason)
 
-  # --- The distributed train step, several per tf.function call.
-  def step_fn(batch):
-    with tf.GradientTape() as tape:
-      prediction = model(batch["image"], training=True)
-      per_example = loss_fn(batch["target"], prediction, batch["target_mask"])
-      loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-      scaled = optimizer.scale_loss(loss)  # loss scaling for float16, identity otherwise
-    grads = tape.gradient(scaled, model.trainable_variables)
-    optimizer.apply_gradients(zip(grads, model.trainable_variables))  # all-reduces
-    return loss
-
-  @tf.function
-  def train_loop(iterator, num_steps):
-    total = tf.constant(0.0)
-    for _ in tf.range(num_steps):
-      per_replica = strategy.run(step_fn, args=(next(iterator),))
-      total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-    return total / tf.cast(num_steps, tf.float32)
+  train_loop = make_train_loop(strategy, model, optimizer, loss_fn, global_batch)
 
   # --- Train.
   writer = (tf.summary.create_file_writer(tensorboard_dir(config, stage)) if run.is_chief
@@ -291,6 +281,43 @@ def train_stage(run: Run, stage: str) -> StageResult:
   if not preempted and config.mode in ("train_and_eval", "eval"):
     result_metrics = evaluate_stage(run, stage, model, step, writer)
   return StageResult(stage, step, result_metrics, preempted, model=model)
+
+
+def make_train_loop(strategy: tf.distribute.Strategy, model: keras.Model,
+                    optimizer: keras.optimizers.Optimizer, loss_fn, global_batch_size: int,
+                    jit_compile: bool = False):
+  """`train_loop(iterator, num_steps) -> mean loss`: the distributed train step,
+  `num_steps` of them per tf.function call (host round trips are costly on TPU).
+
+  The per-example loss is averaged over the GLOBAL batch on each replica, and
+  the Keras 3 optimizer sums the replicas' gradients: one step on N replicas is
+  one step on one device with the same global batch. `jit_compile` compiles the
+  step with XLA (the benchmark measures it; Keras' own "auto" leaves XLA off
+  under a strategy).
+  """
+
+  def step_fn(batch):
+    with tf.GradientTape() as tape:
+      prediction = model(batch["image"], training=True)
+      per_example = loss_fn(batch["target"], prediction, batch["target_mask"])
+      loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+      scaled = optimizer.scale_loss(loss)  # loss scaling for float16, identity otherwise
+    grads = tape.gradient(scaled, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))  # all-reduces
+    return loss
+
+  if jit_compile:
+    step_fn = tf.function(step_fn, jit_compile=True)
+
+  @tf.function
+  def train_loop(iterator, num_steps):
+    total = tf.constant(0.0)
+    for _ in tf.range(num_steps):
+      per_replica = strategy.run(step_fn, args=(next(iterator),))
+      total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    return total / tf.cast(num_steps, tf.float32)
+
+  return train_loop
 
 
 def restore_or_explain(checkpoint: tf.train.Checkpoint, path: str, config: Config) -> None:
