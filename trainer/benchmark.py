@@ -11,10 +11,13 @@ printed for context only. What is measured:
    decode, resize, Sobel target of the gradient stage, augment, batch,
    prefetch) against a seed-style loader (PIL in a Python loop over PNG files
    in X/ and Y/, the notebook's layout, exported untimed from the SAME TFDS
-   split), both producing the same tensors at the same size.
+   split), both producing the same tensors at the same size (the seed-style
+   loader is let off lightly: nearest depth resize instead of valid-average,
+   and no augmentation, as in the seed).
 2. Train step: examples/s of each architecture at each size, on one real
    batch kept in memory (so no input pipeline cost is included), with the
-   same model, optimizer, loss and distributed step as `train.train_stage`;
+   model, optimizer, loss and distributed step built by the functions
+   `train.train_stage` uses (`build_model_and_optimizer`, `make_train_loop`);
    FLOPs per example from `models.count_flops` and the share of this machine's
    dense float32 matmul FLOP/s (measured here too).
 3. Pipeline examples/s over train-step examples/s at the default Config
@@ -297,44 +300,6 @@ def measure_seed_loader(folder: str, size, batch: int, config: Config) -> dict:
 # ----------------------------------------------------------------------------
 # Train step: the real model, optimizer, loss and distributed step.
 # ----------------------------------------------------------------------------
-def make_train_loop(config: Config, stage: str, strategy, policy: str, jit_compile: bool):
-  """(model, train_loop) built as train.train_stage builds them.
-
-  The step function and the loop below mirror train.train_stage's (which
-  defines them inline); keep them in step with it.
-  """
-  with strategy.scope():
-    model = train.build_stage_model(config, stage)
-    optimizer = precision.wrap_optimizer(
-        keras.optimizers.Adam(train.learning_rate_schedule(config)), policy)
-    optimizer.build(model.trainable_variables)
-  loss_fn = train.stage_loss(config, stage)
-  global_batch = config.global_batch_size
-
-  def step_fn(batch):
-    with tf.GradientTape() as tape:
-      prediction = model(batch["image"], training=True)
-      per_example = loss_fn(batch["target"], prediction, batch["target_mask"])
-      loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-      scaled = optimizer.scale_loss(loss)
-    grads = tape.gradient(scaled, model.trainable_variables)
-    optimizer.apply_gradients(zip(grads, model.trainable_variables))
-    return loss
-
-  if jit_compile:
-    step_fn = tf.function(step_fn, jit_compile=True)
-
-  @tf.function
-  def train_loop(iterator, num_steps):
-    total = tf.constant(0.0)
-    for _ in tf.range(num_steps):
-      per_replica = strategy.run(step_fn, args=(next(iterator),))
-      total += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-    return total / tf.cast(num_steps, tf.float32)
-
-  return model, train_loop
-
-
 def one_real_batch(config: Config, builder) -> dict:
   """One training batch from the real pipeline (a small shuffle buffer: cheap)."""
   small = dataclasses.replace(config, shuffle_buffer=config.global_batch_size)
@@ -345,7 +310,11 @@ def measure_train_step(config: Config, builder, strategy, policy: str, steps: in
                        warmup_steps: int, jit_compile: bool = False) -> dict:
   """Median seconds of one train step on a batch held in memory."""
   batch = one_real_batch(config, builder)
-  model, train_loop = make_train_loop(config, STAGE_TIMED, strategy, policy, jit_compile)
+  # The real loop's own pieces: same model, optimizer, loss and distributed step.
+  model, optimizer = train.build_model_and_optimizer(config, STAGE_TIMED, strategy, policy)
+  train_loop = train.make_train_loop(strategy, model, optimizer,
+                                     train.stage_loss(config, STAGE_TIMED),
+                                     config.global_batch_size, jit_compile=jit_compile)
   # The batch is repeated from memory, so the timing holds the step alone.
   dataset = strategy.distribute_datasets_from_function(
       lambda ctx: tf.data.Dataset.from_tensors(batch).repeat())
