@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from trainer import config as config_lib
 from trainer import export as export_lib
+from trainer import report
 from trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +73,8 @@ def test_stage_all_runs_every_stage_and_writes_the_workdir(all_stages):
   table = open(f"{base}/results.md").read()
   assert "constant (train median" in table and "finetune (unet)" in table
   grid = np.asarray(Image.open(f"{base}/comparison.png"))
-  assert grid.shape == (2 * 32, 4 * 24, 3)  # 2 examples x (RGB, truth, rough, finetune)
+  scale = report.GRID_MIN_TILE_WIDTH // 24  # tiles enlarged for viewing
+  assert grid.shape == (2 * 32 * scale, 4 * 24 * scale, 3)  # 2 x (RGB, truth, rough, finetune)
 
 
 def test_finetune_keeps_the_frozen_gradient_net_and_depends_on_it(all_stages):

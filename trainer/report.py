@@ -19,6 +19,7 @@ from trainer import input_pipeline
 from trainer import metrics as metrics_lib
 from trainer.config import Config
 
+GRID_MIN_TILE_WIDTH = 160  # pixels per tile in comparison.png, at least
 TABLE_METRICS = ("abs_rel", "rmse", "delta1", "delta2", "sq_rel", "rmse_log", "log10",
                  "silog", "mse")
 
@@ -68,7 +69,11 @@ def comparison_grid(samples: Dict[str, dict]) -> np.ndarray:
     for stage_samples in samples.values():
       tiles.append(depth_ops.colourize(stage_samples["prediction"][i][..., 0], vmin, vmax))
     rows.append(np.concatenate(tiles, axis=1))
-  return np.concatenate(rows, axis=0)
+  grid = np.concatenate(rows, axis=0)
+  # Training images are small (64x48 by default): enlarge with whole pixels so
+  # a person can see them; nearest-neighbour keeps the depth values honest.
+  scale = max(1, GRID_MIN_TILE_WIDTH // first["image"].shape[2])
+  return grid.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
 def _load_samples(path: str) -> dict:
