@@ -320,10 +320,18 @@ def make_train_loop(strategy: tf.distribute.Strategy, model: keras.Model,
   return train_loop
 
 
-def restore_or_explain(checkpoint: tf.train.Checkpoint, path: str, config: Config) -> None:
-  """Restores, or says which flags likely differ from the run that wrote `path`."""
+def restore_or_explain(checkpoint: tf.train.Checkpoint, path: str, config: Config,
+                       model_only: bool = False) -> None:
+  """Restores, or says which flags likely differ from the run that wrote `path`.
+
+  `model_only`: the checkpoint also holds optimizer state this caller does not
+  want (eval, export); say so instead of warning about every slot.
+  """
   try:
-    checkpoint.restore(path).assert_existing_objects_matched()
+    status = checkpoint.restore(path)
+    if model_only:
+      status = status.expect_partial()
+    status.assert_existing_objects_matched()
   except (AssertionError, ValueError, tf.errors.OpError) as e:
     raise ValueError(
         f"cannot resume from {path}: it does not match this model ({e}). Was it written "
@@ -520,7 +528,7 @@ def restore_stage_model(run: Run, stage: str):
         "train it first (--mode=train or train_and_eval)")
   with run.strategy.scope():
     model = build_stage_model(run.config, stage, restore_gradient=False)
-  restore_or_explain(tf.train.Checkpoint(model=model), latest, run.config)
+  restore_or_explain(tf.train.Checkpoint(model=model), latest, run.config, model_only=True)
   return model, int(latest.rsplit("-", 1)[-1])
 
 
