@@ -103,6 +103,13 @@ def tensorboard_dir(config: Config, stage: str) -> str:
   return f"{base.rstrip('/')}/{stage}" if base else f"{config.stage_dir(stage)}/tensorboard"
 
 
+def summary_writer(run: Run, stage: str):
+  """TensorBoard writer of the stage: the chief's only, a no-op elsewhere."""
+  if run.is_chief:
+    return tf.summary.create_file_writer(tensorboard_dir(run.config, stage))
+  return tf.summary.create_noop_writer()
+
+
 def learning_rate_schedule(config: Config):
   peak, steps = config.learning_rate, config.train_steps
   if config.lr_schedule == "constant":
@@ -231,8 +238,7 @@ def train_stage(run: Run, stage: str) -> StageResult:
   train_loop = make_train_loop(strategy, model, optimizer, loss_fn, global_batch)
 
   # --- Train.
-  writer = (tf.summary.create_file_writer(tensorboard_dir(config, stage)) if run.is_chief
-            else tf.summary.create_noop_writer())
+  writer = summary_writer(run, stage)
   preempted = False
   if step < config.train_steps:
     preemption = make_preemption_handler(strategy, manager)
@@ -534,6 +540,5 @@ def restore_stage_model(run: Run, stage: str):
 
 def evaluate_only(run: Run, stage: str) -> StageResult:
   model, step = restore_stage_model(run, stage)
-  writer = (tf.summary.create_file_writer(tensorboard_dir(run.config, stage)) if run.is_chief
-            else tf.summary.create_noop_writer())
+  writer = summary_writer(run, stage)
   return StageResult(stage, step, evaluate_stage(run, stage, model, step, writer), model=model)
