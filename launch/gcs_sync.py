@@ -232,11 +232,15 @@ def download_file(client, location: GcsPath, remote: RemoteObject, target: str) 
       os.remove(partial)
 
 
-def _run_parallel(jobs, workers: int, report: SyncReport,
-                  progress: progress_lib.TransferProgress) -> None:
-  """jobs: list of (relative, size, callable). Failures are recorded, not raised."""
+def _run_parallel(direction: str, jobs, workers: int, report: SyncReport) -> None:
+  """jobs: list of (relative, size, callable), run `workers` at a time with a
+  progress line; failures are recorded in `report`, not raised."""
+  total_bytes = sum(size for _, size, _ in jobs)
+  logging.info("%s: %d files to transfer (%.1f MiB), %d already identical", direction,
+               len(jobs), total_bytes / 2**20, len(report.skipped))
   if not jobs:
     return
+  progress = progress_lib.TransferProgress(direction, len(jobs), total_bytes)
   with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
     futures = {pool.submit(fn): (relative, size) for relative, size, fn in jobs}
     for future in concurrent.futures.as_completed(futures):
@@ -288,11 +292,7 @@ def upload_tree(local_root: str, destination: str, workers: int = 8,
 
     jobs.append((relative, local.size, job))
 
-  total_bytes = sum(size for _, size, _ in jobs)
-  logging.info("upload: %d to send (%.1f MiB), %d already there", len(jobs),
-               total_bytes / 2**20, len(report.skipped))
-  progress = progress_lib.TransferProgress("upload", len(jobs), total_bytes)
-  _run_parallel(jobs, workers, report, progress)
+  _run_parallel("upload", jobs, workers, report)
   return report
 
 
@@ -319,11 +319,7 @@ def download_tree(source: str, local_root: str, workers: int = 8,
       download_file(clients.get(), location, obj, target)
 
     jobs.append((relative, obj.size, job))
-  total_bytes = sum(size for _, size, _ in jobs)
-  logging.info("download: %d objects to fetch (%.1f MiB), %d already here", len(jobs),
-               total_bytes / 2**20, len(report.skipped))
-  progress = progress_lib.TransferProgress("download", len(jobs), total_bytes)
-  _run_parallel(jobs, workers, report, progress)
+  _run_parallel("download", jobs, workers, report)
   return report
 
 

@@ -117,6 +117,14 @@ def test_finetune_seed_second_conv_sees_gradient_channel(seed_gradient):
   assert tuple(model.get_layer("conv2").kernel.shape) == (3, 3, 51, 50)
 
 
+def test_build_stage_network_nests_a_fresh_gradient_network():
+  finetune = models.build_stage_network("finetune", "seed", SIZE)
+  gradient = models.gradient_subnetwork(finetune)
+  assert gradient.name == "seed_gradient" and not gradient.trainable
+  with pytest.raises(ValueError, match="expected exactly one"):
+    models.gradient_subnetwork(models.build_stage_network("rough", "seed", SIZE))
+
+
 def test_unfrozen_gradient_is_trained_jointly():
   gradient = models.build_network("gradient", "seed", SIZE)
   model = models.build_network("finetune", "seed", SIZE, gradient_network=gradient,

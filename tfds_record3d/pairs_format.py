@@ -42,6 +42,7 @@ from etils import epath
 from PIL import Image
 
 from tfds_record3d import decoding
+from tfds_record3d.frame_example import frame_example
 from tfds_record3d import intrinsics as intrinsics_lib
 from tfds_record3d.validation import Problem
 
@@ -55,7 +56,6 @@ DEPTH_SUFFIXES = (".png", ".npy", ".exr")
 CONFIDENCE_SUFFIXES = (".png", ".npy")
 DEFAULT_DEPTH_SCALE = 1000.0  # units per meter: millimeters
 TIMESTAMP_TOLERANCE_S = 0.02
-NO_CONFIDENCE = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,18 +87,11 @@ class PairsSequence:
       frame = self.frames[position]
       image = decoding.decode_rgb(frame.rgb.read_bytes())
       depth = read_depth(frame.depth, self.depth_scale)
+      confidence = None
       if frame.confidence is not None:
         confidence = read_confidence(frame.confidence)
-      else:
-        confidence = np.full(depth.shape, NO_CONFIDENCE, np.uint8)
-      yield {
-          "image": image,
-          "depth": depth,
-          "confidence": confidence,
-          "intrinsics": self.intrinsics_for(image.shape[:2]),
-          "sequence": self.name,
-          "frame": frame.frame,
-      }
+      yield frame_example(image, depth, confidence, self.intrinsics_for(image.shape[:2]),
+                          self.name, frame.frame)
 
 
 def read_depth(path: epath.Path, depth_scale: float = DEFAULT_DEPTH_SCALE) -> np.ndarray:

@@ -25,13 +25,13 @@ from absl import logging
 from etils import epath
 
 from tfds_record3d import decoding
+from tfds_record3d.frame_example import frame_example
 from tfds_record3d import intrinsics as intrinsics_lib
 from tfds_record3d.validation import Problem
 
 METADATA_NAME = "metadata"
 REQUIRED_KEYS = ("w", "h", "dw", "dh", "K")
 _FRAME_RE = re.compile(r"^rgbd/(\d+)\.(jpg|depth|conf)$")
-NO_CONFIDENCE = 2  # Confidence written when a capture has no .conf files.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,18 +76,11 @@ def _read_frame(sequence: R3dSequence, archive: zipfile.ZipFile, position: int) 
   frame = sequence.frames[position]
   image = decoding.decode_rgb(archive.read(f"rgbd/{frame}.jpg"))
   depth = _decode_depth(archive.read(f"rgbd/{frame}.depth"), sequence.depth_size)
+  confidence = None
   if sequence.has_confidence[position]:
     confidence = _decode_confidence(archive.read(f"rgbd/{frame}.conf"), sequence.depth_size)
-  else:
-    confidence = np.full(sequence.depth_size, NO_CONFIDENCE, np.uint8)
-  return {
-      "image": image,
-      "depth": depth,
-      "confidence": confidence,
-      "intrinsics": sequence.intrinsics(frame, image.shape[:2]),
-      "sequence": sequence.name,
-      "frame": frame,
-  }
+  return frame_example(image, depth, confidence, sequence.intrinsics(frame, image.shape[:2]),
+                       sequence.name, frame)
 
 
 def _decompress(data: bytes, what: str) -> bytes:

@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from tfds_record3d import intrinsics as intrinsics_lib
+from tfds_record3d.frame_example import frame_example
 
 # The seed's data: 1059 frames, portrait 3:4, depth at the LiDAR's 256x192.
 NUM_FRAMES = 1059
@@ -471,14 +472,8 @@ def render_sequence(
     image_view = render_view(scene, pose, k_image, image_size,
                              noise_seed=seed * 100_003 + frame)
     depth_view = render_view(scene, pose, k_depth, depth_size, shade=False)
-    yield {
-        "image": image_view.rgb,
-        "depth": depth_view.depth,
-        "confidence": depth_view.confidence,
-        "intrinsics": k_image,
-        "sequence": name,
-        "frame": frame,
-    }
+    yield frame_example(image_view.rgb, depth_view.depth, depth_view.confidence, k_image,
+                        name, frame)
 
 
 @dataclasses.dataclass(frozen=True)

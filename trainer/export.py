@@ -49,12 +49,8 @@ def float32_copy(config: Config, stage: str, trained: keras.Model) -> keras.Mode
   previous = keras.mixed_precision.global_policy().name
   keras.mixed_precision.set_global_policy("float32")
   try:
-    gradient_network = None
-    if stage == "finetune":
-      gradient_network = models.build_network("gradient", config.architecture, config.image_size)
-    network = models.build_network(stage, config.architecture, config.image_size,
-                                   gradient_network=gradient_network,
-                                   freeze_gradient=config.freeze_gradient)
+    network = models.build_stage_network(stage, config.architecture, config.image_size,
+                                         config.freeze_gradient)
   finally:
     keras.mixed_precision.set_global_policy(previous)
   network.set_weights(trained.get_weights())

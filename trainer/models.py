@@ -253,6 +253,29 @@ def build_network(stage, architecture, image_size=None, gradient_network=None,
   return keras.Model(image, output, name=name or f"{architecture}_{stage}")
 
 
+def build_stage_network(stage, architecture, image_size=None, freeze_gradient=True):
+  """`build_network` for a stage, with the networks it contains built too.
+
+  For finetune, a freshly initialised gradient network is built inside it; the
+  caller restores the trained weights (the whole model from a finetune
+  checkpoint, or `gradient_subnetwork(model)` from a gradient checkpoint).
+  """
+  gradient_network = None
+  if stage == "finetune":
+    gradient_network = build_network("gradient", architecture, image_size)
+  return build_network(stage, architecture, image_size, gradient_network=gradient_network,
+                       freeze_gradient=freeze_gradient)
+
+
+def gradient_subnetwork(finetune_model):
+  """The gradient network nested in a finetune model."""
+  nested = [layer for layer in finetune_model.layers if isinstance(layer, keras.Model)]
+  if len(nested) != 1:
+    raise ValueError(f"{finetune_model.name} holds {len(nested)} nested networks, expected "
+                     "exactly one (the gradient network of a finetune model)")
+  return nested[0]
+
+
 # ----------------------------------------------------------------------------
 # FLOP counting.
 

@@ -134,14 +134,11 @@ def stage_loss(config: Config, stage: str):
 # ----------------------------------------------------------------------------
 def build_stage_model(config: Config, stage: str, restore_gradient: bool = True) -> keras.Model:
   """Builds the stage's network in the current (strategy) scope."""
-  gradient_network = None
-  if stage == "finetune":
-    gradient_network = models.build_network("gradient", config.architecture, config.image_size)
-    if restore_gradient:
-      restore_gradient_network(config, gradient_network)
-  return models.build_network(stage, config.architecture, config.image_size,
-                              gradient_network=gradient_network,
-                              freeze_gradient=config.freeze_gradient)
+  model = models.build_stage_network(stage, config.architecture, config.image_size,
+                                     config.freeze_gradient)
+  if stage == "finetune" and restore_gradient:
+    restore_gradient_network(config, models.gradient_subnetwork(model))
+  return model
 
 
 def build_model_and_optimizer(config: Config, stage: str, strategy: tf.distribute.Strategy,
