@@ -125,6 +125,31 @@ def test_build_stage_network_nests_a_fresh_gradient_network():
     models.gradient_subnetwork(models.build_stage_network("rough", "seed", SIZE))
 
 
+@pytest.mark.parametrize("architecture", models.ARCHITECTURES)
+def test_finetune_started_from_rough_predicts_what_rough_does(architecture):
+  rough = models.build_network("rough", architecture, SIZE)
+  finetune = models.build_stage_network("finetune", architecture, SIZE)
+  images = _images()
+  # Fresh networks differ; after the copy only the (zero-weighted) gradient input does.
+  assert not np.allclose(rough(images, training=False), finetune(images, training=False))
+  copied = models.init_finetune_from_rough(rough, finetune)
+  assert copied == len(rough.weights)
+  np.testing.assert_allclose(finetune(images, training=False), rough(images, training=False),
+                             rtol=1e-5, atol=1e-6)
+  # The gradient channel's new weights are trainable from there: not stuck at zero.
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_mean(finetune(images, training=True))
+  first = finetune.get_layer("conv2" if architecture == "seed" else "enc1_conv").kernel
+  gradient = tape.gradient(loss, first)
+  assert np.any(gradient.numpy()[..., -1, :] != 0)
+
+
+def test_finetune_from_rough_of_another_architecture_is_refused():
+  rough = models.build_network("rough", "seed", SIZE)
+  with pytest.raises(ValueError, match="has no counterpart"):
+    models.init_finetune_from_rough(rough, models.build_stage_network("finetune", "unet", SIZE))
+
+
 def test_unfrozen_gradient_is_trained_jointly():
   gradient = models.build_network("gradient", "seed", SIZE)
   model = models.build_network("finetune", "seed", SIZE, gradient_network=gradient,

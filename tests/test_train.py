@@ -1,7 +1,9 @@
 """The real training loop, a few steps at a time, on the tiny record3d/pairs dataset."""
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -45,14 +47,14 @@ def event_scalars(logdir: str, tag: str) -> dict:
 
 @pytest.fixture(scope="module")
 def all_stages(tiny_record3d, tmp_path_factory):
-  """One `--stage=all` run (gradient, finetune, rough, export, report, predict)."""
+  """One `--stage=all` run (rough, gradient, finetune, export, report, predict)."""
   config = tiny_config(tiny_record3d, tmp_path_factory.mktemp("all"))
   return config, train.train_and_evaluate(config)
 
 
 def test_stage_all_runs_every_stage_and_writes_the_workdir(all_stages):
   config, results = all_stages
-  assert list(results) == ["gradient", "finetune", "rough"]
+  assert list(results) == ["rough", "gradient", "finetune"]
   base = config.model_dir
   resolved = json.load(open(f"{base}/config.json"))
   assert resolved["image_size"] == [32, 24] and resolved["stage"] == "all"
@@ -124,6 +126,17 @@ def test_finetune_without_gradient_checkpoint_is_a_clear_error(tiny_record3d, tm
   config = tiny_config(tiny_record3d, tmp_path, stage="finetune")
   with pytest.raises(FileNotFoundError, match="--stage=gradient first"):
     train.train_and_evaluate(config)
+
+
+def test_finetune_init_rough_needs_the_rough_checkpoint_and_scratch_does_not(
+    all_stages, tiny_record3d, tmp_path):
+  config, _ = all_stages
+  shutil.copytree(config.stage_dir("gradient"), tmp_path / "gradient")  # gradient net only
+  finetune = tiny_config(tiny_record3d, tmp_path, stage="finetune", mode="train")
+  with pytest.raises(FileNotFoundError, match="--finetune_init=scratch"):
+    train.train_and_evaluate(finetune)
+  scratch = dataclasses.replace(finetune, finetune_init="scratch")
+  assert train.train_and_evaluate(scratch)["finetune"].step == scratch.train_steps
 
 
 def test_seed_architecture_trains_and_exports(tiny_record3d, tmp_path):

@@ -18,6 +18,7 @@ LOSS_CHOICES = ("mse", "l1", "silog")
 STRATEGY_CHOICES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 ARCHITECTURE_CHOICES = ("seed", "unet")
 RESIZE_CHOICES = ("nearest", "valid_average")
+FINETUNE_INIT_CHOICES = ("rough", "scratch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Config:
   stage: str = "all"
   architecture: str = "unet"
   freeze_gradient: bool = True
+  finetune_init: str = "rough"
   # Optimisation.
   global_batch_size: int = 8
   train_steps: int = 500
@@ -116,13 +118,18 @@ def define_flags() -> None:
   f.DEFINE_integer("shuffle_buffer", default.shuffle_buffer, "Training shuffle buffer (examples).")
   f.DEFINE_enum("stage", default.stage, STAGE_CHOICES,
                 "rough: the seed's baseline net; gradient: predicts the Sobel edges of depth; "
-                "finetune: depth net fed with the trained gradient net's output; all: "
-                "gradient, then finetune, then rough for comparison, each in <model_dir>/<stage>.")
+                "finetune: depth net fed with the trained gradient net's output (see "
+                "--finetune_init); all: rough, gradient, then finetune, each in "
+                "<model_dir>/<stage>.")
   f.DEFINE_enum("architecture", default.architecture, ARCHITECTURE_CHOICES,
                 "seed: the notebook's body exactly (no downsampling, ~0.41 M MACs/pixel); "
                 "unet: encoder-decoder with skips, far cheaper (see README Performance).")
   f.DEFINE_bool("freeze_gradient", default.freeze_gradient,
                 "Finetune stage: keep the gradient net's weights fixed.")
+  f.DEFINE_enum("finetune_init", default.finetune_init, FINETUNE_INIT_CHOICES,
+                "Finetune stage: rough (fine-tune the trained rough net of this --model_dir, "
+                "its gradient-input weights starting at zero, so step 0 predicts what rough "
+                "does) or scratch (a freshly initialised body).")
   f.DEFINE_integer("global_batch_size", default.global_batch_size,
                    "Examples per step over all replicas; must divide by the replica count.")
   f.DEFINE_integer("train_steps", default.train_steps, "Optimizer steps per stage.")

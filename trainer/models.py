@@ -276,6 +276,50 @@ def gradient_subnetwork(finetune_model):
   return nested[0]
 
 
+def init_finetune_from_rough(rough, finetune):
+  """Starts the finetune network's body from a trained rough network: the seed's
+  "finetune", fine-tuning the baseline with the gradient net's edges as an extra input.
+
+  Both bodies have the same layers under the same names; the only difference
+  is the gradient channel appended (last) to the input of the layers that read
+  the concatenation (seed: conv2; unet: enc1_conv and dec0_sep). Those kernels
+  get rough's weights for the other input channels and ZERO mixing weights for
+  the new one, so at step 0 the finetune net predicts exactly what rough does
+  and training can only start from there. (A depthwise kernel keeps its fresh
+  initialisation for the new channel: with both depthwise and pointwise
+  weights at zero, neither would ever get a gradient.)
+
+  Returns the number of variables copied. Raises ValueError when a rough layer
+  has no counterpart or a shape differs other than by the appended channel.
+  """
+  body = {layer.name: layer for layer in finetune.layers if not isinstance(layer, keras.Model)}
+  copied = 0
+  for layer in rough.layers:
+    if not layer.weights:
+      continue
+    if layer.name not in body:
+      raise ValueError(f"rough layer {layer.name!r} has no counterpart in {finetune.name}")
+    for source, target in zip(layer.weights, body[layer.name].weights):
+      value = source.numpy()
+      if tuple(target.shape) == value.shape:
+        target.assign(value)
+      else:
+        # Kernels [..., C_in, C_out] (conv, pointwise) or [kh, kw, C_in, 1]
+        # (depthwise): the finetune net reads C_in + k channels, the new ones last.
+        grown = tuple(target.shape)
+        if (len(grown) != len(value.shape) or grown[:-2] != value.shape[:-2]
+            or grown[-1] != value.shape[-1] or grown[-2] <= value.shape[-2]):
+          raise ValueError(f"{layer.name}: cannot start {target.path} {grown} from rough's "
+                           f"{value.shape}; only appended input channels are supported")
+        new_value = target.numpy()
+        if "depthwise" not in target.path:
+          new_value[..., value.shape[-2]:, :] = 0.0
+        new_value[..., :value.shape[-2], :] = value
+        target.assign(new_value)
+      copied += 1
+  return copied
+
+
 # ----------------------------------------------------------------------------
 # FLOP counting.
 

@@ -34,7 +34,8 @@ from trainer import precision
 from trainer import report
 from trainer.config import Config
 
-STAGE_ORDER = ("gradient", "finetune", "rough")  # --stage=all; finetune needs gradient.
+# --stage=all. Finetune needs the gradient net, and (--finetune_init=rough) the rough net.
+STAGE_ORDER = ("rough", "gradient", "finetune")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -152,6 +153,24 @@ def build_model_and_optimizer(config: Config, stage: str, strategy: tf.distribut
   return model, optimizer
 
 
+def init_finetune_from_rough(config: Config, strategy: tf.distribute.Strategy,
+                             model: keras.Model) -> None:
+  """A fresh finetune run starts from the rough stage's latest checkpoint."""
+  directory = checkpoint_dir(config, "rough")
+  latest = tf.train.latest_checkpoint(directory)
+  if latest is None:
+    raise FileNotFoundError(
+        f"--finetune_init=rough starts the finetune net from the trained rough net, but "
+        f"{directory} has no checkpoint. Run --stage=rough first with the same --model_dir "
+        "(--stage=all does), or pass --finetune_init=scratch.")
+  with strategy.scope():
+    rough = models.build_network("rough", config.architecture, config.image_size)
+    restore_or_explain(tf.train.Checkpoint(model=rough), latest, config, model_only=True)
+    copied = models.init_finetune_from_rough(rough, model)
+  logging.info("finetune: body started from the rough net %s (%d variables; the gradient "
+               "input's weights start at zero)", latest, copied)
+
+
 def restore_gradient_network(config: Config, network: keras.Model) -> None:
   directory = checkpoint_dir(config, "gradient")
   latest = tf.train.latest_checkpoint(directory)
@@ -221,6 +240,8 @@ def train_stage(run: Run, stage: str) -> StageResult:
   if latest:
     restore_or_explain(checkpoint, latest, config)
     logging.info("%s: resumed from %s at step %d", stage, latest, int(optimizer.iterations))
+  elif stage == "finetune" and config.finetune_init == "rough":
+    init_finetune_from_rough(config, strategy, model)
   step = int(optimizer.iterations.numpy())
   loss_fn = stage_loss(config, stage)
   global_batch = config.global_batch_size
