@@ -150,6 +150,20 @@ def test_finetune_from_rough_of_another_architecture_is_refused():
     models.init_finetune_from_rough(rough, models.build_stage_network("finetune", "unet", SIZE))
 
 
+@pytest.mark.parametrize("architecture", models.ARCHITECTURES)
+def test_initial_depth_starts_the_output_there(architecture):
+  model = models.build_network("rough", architecture, SIZE, initial_depth=2.5)
+  depth = model(_images(), training=False).numpy()
+  # The bias sets the level; the fresh convolutions add a little noise around it.
+  assert abs(float(np.median(depth)) - 2.5) < 0.1 and depth.min() > 1.5
+  zero_bias = models.build_network("rough", architecture, SIZE)
+  assert abs(float(np.median(zero_bias(_images(), training=False))) - 2.5) > 1.0
+  with pytest.raises(ValueError, match="depth stages"):
+    models.build_network("gradient", architecture, SIZE, initial_depth=2.5)
+  with pytest.raises(ValueError, match="positive"):
+    models.build_network("rough", architecture, SIZE, initial_depth=0.0)
+
+
 def test_unfrozen_gradient_is_trained_jointly():
   gradient = models.build_network("gradient", "seed", SIZE)
   model = models.build_network("finetune", "seed", SIZE, gradient_network=gradient,

@@ -11,6 +11,7 @@ import math
 from typing import Optional
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -201,3 +202,16 @@ def _padding_example(config: Config) -> dict:
   zeros = lambda c: tf.zeros((height, width, c), tf.float32)
   return {"image": zeros(3), "depth": zeros(1), "mask": zeros(1),
           "target": zeros(1), "target_mask": zeros(1)}
+
+
+def training_median_depth(config: Config, builder, max_examples: int = 300) -> float:
+  """Median of valid training depth (m) at the training size, over the split's
+  first `max_examples` (in file order, so every worker gets the same value).
+  The constant baseline predicts it; fresh depth networks start their output at it."""
+  ds = builder.as_dataset(split="train", shuffle_files=False).take(max_examples)
+  ds = ds.map(lambda ex: preprocess(ex, config, "rough", False))
+  values = [ex["depth"][ex["mask"] > 0] for ex in ds.as_numpy_iterator()]
+  values = np.concatenate(values) if values else np.zeros(0)
+  if not values.size:
+    raise ValueError(f"{config.dataset}: the train split has no valid depth pixel")
+  return float(np.median(values))

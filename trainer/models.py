@@ -20,6 +20,8 @@ Architectures:
   the output cropped back), 33x fewer FLOPs than the seed.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -126,7 +128,7 @@ def _seed_first_block(image):
   return batch_norm(name="bn1")(x)
 
 
-def _seed_body(image, gradient=None):
+def _seed_body(image, gradient=None, output_bias=0.0):
   """The notebook's network. `gradient` [B,H,W,1] joins after the first block."""
   x = _seed_first_block(image)
   if gradient is not None:
@@ -139,8 +141,9 @@ def _seed_body(image, gradient=None):
   x = keras.layers.Conv2DTranspose(50, (3, 2), strides=1, padding="same",
                                    name="deconv")(x)
   x = batch_norm(name=f"bn{len(SEED_FILTERS) + 1}")(x)
-  return keras.layers.Conv2D(1, 3, padding="same", activation="relu",
-                             dtype="float32", name="output")(x)
+  return keras.layers.Conv2D(1, 3, padding="same", activation="relu", dtype="float32",
+                             bias_initializer=keras.initializers.Constant(output_bias),
+                             name="output")(x)
 
 
 def _conv_bn_relu(x, filters, strides, name):
@@ -157,7 +160,7 @@ def _sep_bn_relu(x, filters, strides, name, kernel_size=3):
   return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
-def _unet_body(image, gradient=None):
+def _unet_body(image, gradient=None, output_bias=0.0):
   """Encoder-decoder. Shapes for an input [B, H, W, 3], S = UNET_STRIDE = 32.
 
   pad      [B, H', W', 3]   H', W' = H, W rounded up to a multiple of 32
@@ -201,15 +204,21 @@ def _unet_body(image, gradient=None):
     x = keras.layers.Concatenate(axis=-1, name=f"skip{level}")([x, skips[level]])
     x = _sep_bn_relu(x, UNET_DECODER[len(UNET_DECODER) - 1 - level], 1, f"dec{level}")
   x = keras.layers.Conv2D(1, 3, padding="same", activation="softplus", dtype="float32",
+                          bias_initializer=keras.initializers.Constant(output_bias),
                           name="output_padded")(x)
   return CropLike(dtype="float32", name="output")([x, image])
 
 
 _BODIES = {"seed": _seed_body, "unet": _unet_body}
+# The output activation of each body, to invert for `initial_depth`.
+_OUTPUT_ACTIVATION_INVERSE = {
+    "seed": lambda y: y,                        # ReLU, for y > 0
+    "unet": lambda y: math.log(math.expm1(y)),  # softplus
+}
 
 
 def build_network(stage, architecture, image_size=None, gradient_network=None,
-                  freeze_gradient=True, name=None):
+                  freeze_gradient=True, initial_depth=None, name=None):
   """Builds the network of one stage.
 
   Args:
@@ -225,6 +234,12 @@ def build_network(stage, architecture, image_size=None, gradient_network=None,
       moving statistics), so optimizer steps on the finetune model never
       change it. False: it is set trainable and trained jointly.
       NOTE: this sets the `trainable` attribute of the model passed in.
+    initial_depth: rough / finetune: meters (> 0) the output layer's bias is
+      started at, so a fresh network predicts about this everywhere (give the
+      training median depth). Its inputs are BatchNorm'd features, so the bias
+      sets the starting level: from 0 the seed's ReLU output can die before it
+      climbs to room-scale depths (a 500-step seed rough run predicted 0
+      everywhere). None: zero bias (Keras' default).
     name: model name; default "<architecture>_<stage>".
 
   Returns:
@@ -240,6 +255,13 @@ def build_network(stage, architecture, image_size=None, gradient_network=None,
         "gradient-stage network first and pass it as gradient_network=...")
   if stage != "finetune" and gradient_network is not None:
     raise ValueError(f"gradient_network is only used by stage='finetune', not {stage!r}")
+  output_bias = 0.0
+  if initial_depth is not None:
+    if stage == "gradient":
+      raise ValueError("initial_depth is for the depth stages (rough, finetune), not gradient")
+    if not initial_depth > 0:
+      raise ValueError(f"initial_depth must be a positive depth in meters, got {initial_depth}")
+    output_bias = _OUTPUT_ACTIVATION_INVERSE[architecture](float(initial_depth))
   height, width = image_size if image_size is not None else (None, None)
   image = keras.Input(shape=(height, width, 3), dtype="float32", name="image")
   gradient = None
@@ -249,11 +271,12 @@ def build_network(stage, architecture, image_size=None, gradient_network=None,
       gradient = gradient_network(image, training=False)
     else:
       gradient = gradient_network(image)
-  output = _BODIES[architecture](image, gradient)
+  output = _BODIES[architecture](image, gradient, output_bias)
   return keras.Model(image, output, name=name or f"{architecture}_{stage}")
 
 
-def build_stage_network(stage, architecture, image_size=None, freeze_gradient=True):
+def build_stage_network(stage, architecture, image_size=None, freeze_gradient=True,
+                        initial_depth=None):
   """`build_network` for a stage, with the networks it contains built too.
 
   For finetune, a freshly initialised gradient network is built inside it; the
@@ -264,7 +287,7 @@ def build_stage_network(stage, architecture, image_size=None, freeze_gradient=Tr
   if stage == "finetune":
     gradient_network = build_network("gradient", architecture, image_size)
   return build_network(stage, architecture, image_size, gradient_network=gradient_network,
-                       freeze_gradient=freeze_gradient)
+                       freeze_gradient=freeze_gradient, initial_depth=initial_depth)
 
 
 def gradient_subnetwork(finetune_model):

@@ -24,17 +24,6 @@ TABLE_METRICS = ("abs_rel", "rmse", "delta1", "delta2", "sq_rel", "rmse_log", "l
                  "silog", "mse")
 
 
-def training_median_depth(config: Config, builder, max_examples: int = 300) -> float:
-  """Median of valid training depth at the training size (first examples of the split)."""
-  ds = builder.as_dataset(split="train", shuffle_files=False).take(max_examples)
-  ds = ds.map(lambda ex: input_pipeline.preprocess(ex, config, "rough", False))
-  values = [ex["depth"][ex["mask"] > 0] for ex in ds.as_numpy_iterator()]
-  values = np.concatenate(values) if values else np.zeros(0)
-  if not values.size:
-    raise ValueError(f"{config.dataset}: the train split has no valid depth pixel")
-  return float(np.median(values))
-
-
 def constant_predictor_metrics(config: Config, builder, value: float) -> dict:
   """Every metric for predicting `value` meters everywhere on the eval split."""
   sums = {}
@@ -83,7 +72,7 @@ def _load_samples(path: str) -> dict:
 
 def write_report(config: Config, builder, stage_metrics: Dict[str, dict]) -> str:
   """Writes results.md (+ results.json) and comparison.png; returns the table."""
-  median = training_median_depth(config, builder)
+  median = input_pipeline.training_median_depth(config, builder)
   rows = {f"constant (train median {median:.2f} m)": constant_predictor_metrics(config, builder, median)}
   for stage in ("rough", "finetune"):
     if stage in stage_metrics:

@@ -133,20 +133,21 @@ def stage_loss(config: Config, stage: str):
 # ----------------------------------------------------------------------------
 # Models, with the gradient net restored for the finetune stage.
 # ----------------------------------------------------------------------------
-def build_stage_model(config: Config, stage: str, restore_gradient: bool = True) -> keras.Model:
+def build_stage_model(config: Config, stage: str, restore_gradient: bool = True,
+                      initial_depth: Optional[float] = None) -> keras.Model:
   """Builds the stage's network in the current (strategy) scope."""
   model = models.build_stage_network(stage, config.architecture, config.image_size,
-                                     config.freeze_gradient)
+                                     config.freeze_gradient, initial_depth)
   if stage == "finetune" and restore_gradient:
     restore_gradient_network(config, models.gradient_subnetwork(model))
   return model
 
 
 def build_model_and_optimizer(config: Config, stage: str, strategy: tf.distribute.Strategy,
-                              policy: str):
+                              policy: str, initial_depth: Optional[float] = None):
   """The stage's network and its Adam (loss-scaled for float16), in the strategy's scope."""
   with strategy.scope():
-    model = build_stage_model(config, stage)
+    model = build_stage_model(config, stage, initial_depth=initial_depth)
     optimizer = precision.wrap_optimizer(
         keras.optimizers.Adam(learning_rate_schedule(config)), policy)
     optimizer.build(model.trainable_variables)
@@ -232,11 +233,18 @@ def train_stage(run: Run, stage: str) -> StageResult:
       lambda ctx: input_pipeline.train_dataset(config, stage, run.builder, ctx))
 
   # --- Model, optimizer, checkpoint.
-  model, optimizer = build_model_and_optimizer(config, stage, strategy, run.policy)
+  latest = tf.train.latest_checkpoint(ckpt_dir)  # always resume from the chief's copy
+  initial_depth = None
+  if latest is None and (stage == "rough" or (stage == "finetune"
+                                              and config.finetune_init == "scratch")):
+    initial_depth = input_pipeline.training_median_depth(config, run.builder)
+    logging.info("%s: the output layer starts at the training median depth, %.3f m",
+                 stage, initial_depth)
+  model, optimizer = build_model_and_optimizer(config, stage, strategy, run.policy,
+                                               initial_depth)
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
   write_dir = distribute.worker_write_dir(ckpt_dir, strategy)
   manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=config.keep_checkpoints)
-  latest = tf.train.latest_checkpoint(ckpt_dir)  # always resume from the chief's copy
   if latest:
     restore_or_explain(checkpoint, latest, config)
     logging.info("%s: resumed from %s at step %d", stage, latest, int(optimizer.iterations))
