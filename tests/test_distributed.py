@@ -40,6 +40,12 @@ def subprocess_env(**extra):
   return env
 
 
+def start_trainer(command):
+  """The trainer in the background, stderr kept (the log is read back by the test)."""
+  return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True)
+
+
 def wait_for_checkpoint(directory: str, step: int, proc, timeout: float = 240.0) -> None:
   deadline = time.time() + timeout
   while time.time() < deadline:
@@ -222,8 +228,7 @@ def test_kill_9_then_rerun_resumes_and_finishes(tiny_record3d, tmp_path):
   command = trainer_command(data_dir, tmp_path, "--train_steps=400", "--steps_per_loop=1",
                             "--checkpoint_every_steps=3", "--keep_checkpoints=2",
                             "--image_size=64,48")
-  proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, text=True)
+  proc = start_trainer(command)
   wait_for_checkpoint(ckpt_dir, 6, proc)
   proc.kill()  # SIGKILL: no handler, no chance to save
   proc.wait()
@@ -245,8 +250,7 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tiny_record3d, tmp_
   command = trainer_command(data_dir, tmp_path, "--train_steps=5000", "--steps_per_loop=1",
                             "--checkpoint_every_steps=1000", "--log_every_steps=1000",
                             "--image_size=64,48")
-  proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, text=True)
+  proc = start_trainer(command)
   # Wait until training is under way (the first loop has logged its tracing).
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:

@@ -7,6 +7,7 @@ Each element after `preprocess` is a dict of float32 tensors at the training siz
   gradient stage (computed here, on the fly).
 """
 
+import functools
 import math
 from typing import Optional
 
@@ -204,10 +205,12 @@ def _padding_example(config: Config) -> dict:
           "target": zeros(1), "target_mask": zeros(1)}
 
 
+@functools.lru_cache(maxsize=8)
 def training_median_depth(config: Config, builder, max_examples: int = 300) -> float:
   """Median of valid training depth (m) at the training size, over the split's
   first `max_examples` (in file order, so every worker gets the same value).
-  The constant baseline predicts it; fresh depth networks start their output at it."""
+  The constant baseline predicts it; fresh depth networks start their output at
+  it. Cached: `--stage=all` needs it for both (config is a frozen dataclass)."""
   ds = builder.as_dataset(split="train", shuffle_files=False).take(max_examples)
   ds = ds.map(lambda ex: preprocess(ex, config, "rough", False))
   values = [ex["depth"][ex["mask"] > 0] for ex in ds.as_numpy_iterator()]
