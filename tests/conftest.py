@@ -6,6 +6,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep test logs readable
 
 import pytest
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # Tiny on purpose: the whole suite must run in minutes on 2 CPU cores.
 TINY_IMAGE_SIZE = (64, 48)  # RGB H, W written to the pairs folder
 TINY_DEPTH_SIZE = (32, 24)  # depth at its own (smaller) size, like the LiDAR's
@@ -40,3 +42,33 @@ def build_tiny_pairs_dataset(root) -> tuple:
 def tiny_record3d(tmp_path_factory):
   """(data_dir, manual_dir) of a prepared tiny record3d/pairs dataset."""
   return build_tiny_pairs_dataset(str(tmp_path_factory.mktemp("tiny_record3d")))
+
+
+@pytest.fixture(scope="session")
+def make_config(tiny_record3d):
+  """make_config(model_dir, **overrides) -> a validated trainer Config on the tiny
+  dataset: 32x24, batch 4, 4 steps, one device, float32."""
+  from trainer import config as config_lib
+
+  def make(model_dir, **overrides):
+    data_dir, _ = tiny_record3d
+    values = dict(model_dir=str(model_dir), dataset="record3d/pairs", data_dir=data_dir,
+                  image_size=(32, 24), global_batch_size=4, train_steps=4, steps_per_loop=2,
+                  log_every_steps=2, checkpoint_every_steps=2, warmup_steps=1,
+                  num_image_summaries=2, num_predict_images=2, strategy="one_device",
+                  mixed_precision="float32")
+    values.update(overrides)
+    config = config_lib.Config(**values)
+    config_lib.validate(config)
+    return config
+  return make
+
+
+@pytest.fixture
+def subprocess_env():
+  """subprocess_env(**extra) -> the environment for running the project's commands."""
+  def env(**extra):
+    values = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+    values.update(extra)
+    return values
+  return env

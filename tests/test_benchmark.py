@@ -12,6 +12,7 @@ from absl import app
 import pytest
 
 from trainer import benchmark
+from trainer import config as config_lib
 
 
 def _run(args, timeout=240):
@@ -26,15 +27,17 @@ def _positive(value, name):
   assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, value)
 
 
+@pytest.mark.slow
 def test_benchmark_reports_every_figure(tiny_record3d, tmp_path):
   data_dir, manual_dir = tiny_record3d
   out = tmp_path / "bench.json"
   proc = _run([
       "--dataset=record3d/pairs", f"--data_dir={data_dir}", f"--manual_dir={manual_dir}",
-      "--image_sizes=32x24,48x36", "--scaling_sizes=16x16", "--pipeline_image_size=32x24",
+      "--image_sizes=32,24", "--image_sizes=48,36", "--scaling_sizes=16,16",
+      "--pipeline_image_size=32,24",
       "--architectures=seed,unet", "--steps=1", "--warmup_steps=0", "--batch_size=2",
       "--pipeline_batches=3", "--seed_loader_examples=8", "--matmul_size=128",
-      "--matmul_repeats=2", "--accuracy_budget_seconds=1", "--accuracy_image_size=16x16",
+      "--matmul_repeats=2", "--accuracy_budget_seconds=1", "--accuracy_image_size=16,16",
       f"--workdir={tmp_path / 'work'}", f"--json={out}"])
   result = json.loads(out.read_text())
 
@@ -90,21 +93,19 @@ def test_benchmark_reports_every_figure(tiny_record3d, tmp_path):
 
 
 def test_sizes_and_bad_flags():
-  assert benchmark.parse_size("192x144") == (192, 144)
-  assert benchmark.parse_size("96,72") == (96, 72)
-  for bad in ("192", "4x4", "ax b"):
-    try:
-      benchmark.parse_size(bad)
-    except ValueError:
-      continue
-    raise AssertionError(f"{bad!r} was accepted")
+  # Sizes are H,W in every command (the trainer's parser, naming the flag).
+  assert config_lib.parse_image_size("96,72", "--image_sizes") == (96, 72)
+  for bad in ("192", "4,4", "96x72", "a,b"):
+    with pytest.raises(ValueError, match="--image_sizes="):
+      config_lib.parse_image_size(bad, "--image_sizes")
   # Flag errors are raised before any work (in-process: no TensorFlow start-up cost).
   flags = benchmark.FLAGS
-  flags(["benchmark", "--image_sizes=32x24", "--scaling_sizes=", "--architectures=seed,unet"])
+  flags(["benchmark", "--image_sizes=32,24", "--scaling_sizes=32,24",
+         "--architectures=seed,unet"])
   try:
     with pytest.raises(app.UsageError, match="at least 3 distinct sizes"):
       benchmark.run_benchmark()
-    flags.scaling_sizes = ["16x16", "48x36"]
+    flags.scaling_sizes = ["16,16", "48,36"]
     flags.architectures = ["seed", "resnet"]
     with pytest.raises(app.UsageError, match="unknown 'resnet'"):
       benchmark.run_benchmark()

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.test_train import tiny_config
 from trainer import distribute
 from trainer import precision
+from trainer import stages
 from trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,15 +34,9 @@ def trainer_command(data_dir, model_dir, *extra):
           "--stage=rough", "--mode=train", "--warmup_steps=1", *extra]
 
 
-def subprocess_env(**extra):
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
-  env.update(extra)
-  return env
-
-
-def start_trainer(command):
+def start_trainer(command, env):
   """The trainer in the background, stderr kept (the log is read back by the test)."""
-  return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE,
+  return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE,
                           stdout=subprocess.DEVNULL, text=True)
 
 
@@ -116,7 +110,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     logging.set_verbosity(logging.INFO)
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from trainer import config as config_lib, train
+    from trainer import config as config_lib, stages
     data_dir, out = sys.argv[1], sys.argv[2]
     for strategy, devices in (("one_device", None), ("mirrored", 2)):
       config = config_lib.Config(
@@ -126,12 +120,14 @@ MIRRORED_SCRIPT = textwrap.dedent("""
           learning_rate=2e-3,
           augment=False, shuffle_buffer=1, stage="rough", mode="train", strategy=strategy,
           num_devices=devices, mixed_precision="float32", architecture=sys.argv[3])
-      train.train_and_evaluate(config)
+      stages.train_and_evaluate(config)
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["unet", "seed"])
-def test_mirrored_two_replicas_first_step_equals_one_device(tiny_record3d, tmp_path, architecture):
+def test_mirrored_two_replicas_first_step_equals_one_device(tiny_record3d, tmp_path, architecture,
+                                                            subprocess_env):
   data_dir, _ = tiny_record3d
   proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, data_dir, str(tmp_path),
                          architecture],
@@ -190,7 +186,9 @@ def free_ports(count: int) -> list:
   return ports
 
 
-def test_multi_worker_trains_to_the_end_and_only_the_chief_writes(tiny_record3d, tmp_path):
+@pytest.mark.slow
+def test_multi_worker_trains_to_the_end_and_only_the_chief_writes(tiny_record3d, tmp_path,
+                                                                  subprocess_env):
   data_dir, _ = tiny_record3d
   workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
   model_dir = tmp_path / "model"
@@ -222,13 +220,14 @@ def test_multi_worker_trains_to_the_end_and_only_the_chief_writes(tiny_record3d,
 # ---------------------------------------------------------------------------
 # Fault tolerance.
 # ---------------------------------------------------------------------------
-def test_kill_9_then_rerun_resumes_and_finishes(tiny_record3d, tmp_path):
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes_and_finishes(tiny_record3d, tmp_path, subprocess_env):
   data_dir, _ = tiny_record3d
   ckpt_dir = f"{tmp_path}/rough/checkpoints"
   command = trainer_command(data_dir, tmp_path, "--train_steps=400", "--steps_per_loop=1",
                             "--checkpoint_every_steps=3", "--keep_checkpoints=2",
                             "--image_size=64,48")
-  proc = start_trainer(command)
+  proc = start_trainer(command, subprocess_env())
   wait_for_checkpoint(ckpt_dir, 6, proc)
   proc.kill()  # SIGKILL: no handler, no chance to save
   proc.wait()
@@ -244,13 +243,15 @@ def test_kill_9_then_rerun_resumes_and_finishes(tiny_record3d, tmp_path):
   assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-400")
 
 
-def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tiny_record3d, tmp_path):
+@pytest.mark.slow
+def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tiny_record3d, tmp_path,
+                                                             subprocess_env):
   data_dir, _ = tiny_record3d
   ckpt_dir = f"{tmp_path}/rough/checkpoints"
   command = trainer_command(data_dir, tmp_path, "--train_steps=5000", "--steps_per_loop=1",
                             "--checkpoint_every_steps=1000", "--log_every_steps=1000",
                             "--image_size=64,48")
-  proc = start_trainer(command)
+  proc = start_trainer(command, subprocess_env())
   # Wait until training is under way (the first loop has logged its tracing).
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -270,9 +271,9 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(tiny_record3d, tmp_
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
-    tiny_record3d, tmp_path, monkeypatch):
-  good = tiny_config(tiny_record3d, tmp_path, stage="rough", mode="train", train_steps=4)
-  train.train_and_evaluate(good)
+    make_config, tmp_path, monkeypatch):
+  good = make_config(tmp_path, stage="rough", mode="train", train_steps=4)
+  stages.train_and_evaluate(good)
   ckpt_dir = f"{tmp_path}/rough/checkpoints"
   last_good = tf.train.latest_checkpoint(ckpt_dir)
   before = checkpoint_values(last_good)
@@ -284,9 +285,9 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkp
     return lambda target, prediction, mask: loss_fn(target, prediction, mask) * np.nan
 
   monkeypatch.setattr(train, "stage_loss", poisoned_stage_loss)
-  longer = tiny_config(tiny_record3d, tmp_path, stage="rough", mode="train", train_steps=10)
+  longer = make_config(tmp_path, stage="rough", mode="train", train_steps=10)
   with pytest.raises(train.NonFiniteLossError, match=r"loss became nan in steps 5\.\.6"):
-    train.train_and_evaluate(longer)
+    stages.train_and_evaluate(longer)
   assert tf.train.latest_checkpoint(ckpt_dir) == last_good
   after = checkpoint_values(last_good)
   for name in before:
@@ -297,11 +298,11 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkp
 # Mixed precision on CPU.
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_mixed_precision_runs_a_few_steps(tiny_record3d, tmp_path, policy):
-  config = tiny_config(tiny_record3d, tmp_path, stage="rough", train_steps=3,
+def test_mixed_precision_runs_a_few_steps(make_config, tmp_path, policy):
+  config = make_config(tmp_path, stage="rough", train_steps=3,
                        mixed_precision=policy)
   try:
-    result = train.train_and_evaluate(config)["rough"]
+    result = stages.train_and_evaluate(config)["rough"]
     assert keras.mixed_precision.global_policy().name == policy
     model = result.model
     assert model.layers[-1].dtype_policy.name in ("float32",)  # output stays float32

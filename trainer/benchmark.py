@@ -25,7 +25,7 @@ printed for context only. What is measured:
    model.
 4. Step time against image pixels, several sizes per architecture.
 5. Optionally (--accuracy_budget_seconds=N): each architecture trained for the
-   same wall-clock budget with the real loop (`train.train_and_evaluate`,
+   same wall-clock budget with the real loop (`train.train_stage`,
    stage rough) and evaluated on the test split.
 
 FLOP convention: `count_flops` counts one forward pass (1 MAC = 2 FLOPs,
@@ -51,15 +51,20 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from trainer import datasets
 from trainer import distribute
+from trainer import evaluate
 from trainer import input_pipeline
 from trainer import models
 from trainer import precision
+from trainer import progress as progress_lib
 from trainer import train
+from trainer import workdir as workdir_lib
+from trainer import config as config_lib
 from trainer.config import Config
 
 _DEFAULT = Config(model_dir="")
-_DEFAULT_SIZE = "x".join(map(str, _DEFAULT.image_size))
+_DEFAULT_SIZE = ",".join(map(str, _DEFAULT.image_size))
 
 FLAGS = flags.FLAGS
 # trainer.config defines flags of the same names for trainer.main; share them
@@ -73,19 +78,21 @@ if "data_dir" not in FLAGS:
 if "manual_dir" not in FLAGS:
   flags.DEFINE_string("manual_dir", None,
                       "Manual folder, if the dataset must be built from files.")
-flags.DEFINE_list("image_sizes", ["96x72", "192x144"],
-                  "Main sizes HxW for the architecture comparison (FLOPs, FLOP/s, share of "
-                  "matmul). Any size works for both architectures (the U-Net pads to 32).")
-flags.DEFINE_list("scaling_sizes", ["64x48", _DEFAULT_SIZE],
-                  "Extra sizes HxW for the step-time-against-pixels table; it uses these "
-                  "plus --image_sizes (at least 3 distinct sizes in all).")
+flags.DEFINE_multi_string("image_sizes", ["96,72", "192,144"],
+                          "Main sizes H,W for the architecture comparison (FLOPs, FLOP/s, "
+                          "share of matmul); repeat the flag for several. Any size works for "
+                          "every architecture (the encoder-decoders pad to 32).")
+flags.DEFINE_multi_string("scaling_sizes", ["64,48", _DEFAULT_SIZE],
+                          "Extra sizes H,W for the step-time-against-pixels table (repeat the "
+                          "flag); it uses these plus --image_sizes (at least 3 distinct sizes "
+                          "in all).")
 flags.DEFINE_list("architectures", list(models.ARCHITECTURES), "Architectures to time.")
 flags.DEFINE_integer("steps", 5, "Timed train steps per (architecture, size); the median counts.")
 flags.DEFINE_integer("warmup_steps", 2, "Untimed train steps after tracing, per (architecture, size).")
 flags.DEFINE_integer("batch_size", _DEFAULT.global_batch_size,
                      "Examples per step, for the train step and both input loaders.")
 flags.DEFINE_string("pipeline_image_size", _DEFAULT_SIZE,
-                    "HxW produced by both input loaders; with the default architecture and "
+                    "H,W produced by both input loaders; with the default architecture and "
                     "--batch_size this is the 'default configuration' of the "
                     "pipeline/training ratio.")
 flags.DEFINE_integer("pipeline_batches", 100,
@@ -104,7 +111,7 @@ flags.DEFINE_integer("accuracy_budget_seconds", 0,
                      "If > 0: train each architecture (stage rough, same Config otherwise) for "
                      "about this many seconds with the real loop, then evaluate on the test "
                      "split. train_steps = budget x the steps/s measured here.")
-flags.DEFINE_string("accuracy_image_size", "64x48", "HxW of the equal-budget accuracy runs.")
+flags.DEFINE_string("accuracy_image_size", "64,48", "H,W of the equal-budget accuracy runs.")
 flags.DEFINE_string("workdir", None,
                     "Scratch folder (PNG export, accuracy runs); default a new temp folder.")
 flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
@@ -113,38 +120,11 @@ STAGE_TIMED = "rough"  # the gradient stage has the same network; finetune nests
 
 
 # ----------------------------------------------------------------------------
-# Small helpers: sizes, progress, machine.
+# Small helpers: sizes, machine.
 # ----------------------------------------------------------------------------
-def parse_size(text: str) -> Tuple[int, int]:
-  try:
-    height, width = (int(v) for v in text.lower().replace(",", "x").split("x"))
-  except ValueError:
-    raise ValueError(f"size {text!r} must be HxW, e.g. 128x96")
-  if height < 8 or width < 8:
-    raise ValueError(f"size {text!r}: both sides must be at least 8 pixels")
-  return height, width
-
-
 def size_name(size: Sequence[int]) -> str:
+  """How a size is shown in tables and JSON keys: 96x72."""
   return f"{size[0]}x{size[1]}"
-
-
-class Progress:
-  """Logs `done/total`, elapsed and time left at most every few seconds."""
-
-  def __init__(self, what: str, total: int, every_seconds: float = 5.0):
-    self.what, self.total, self.every = what, total, every_seconds
-    self.start = self.last = time.perf_counter()
-
-  def update(self, done: int) -> None:
-    now = time.perf_counter()
-    if done < self.total and now - self.last < self.every:
-      return
-    self.last = now
-    elapsed = now - self.start
-    left = elapsed / done * (self.total - done) if done else float("nan")
-    logging.info("%s: %d/%d, %s elapsed, %s left", self.what, done, self.total,
-                 train.format_seconds(elapsed), train.format_seconds(left))
 
 
 def machine_info() -> dict:
@@ -199,12 +179,12 @@ def measure_tf_data(config: Config, builder, num_batches: int) -> dict:
   steady: the next `num_batches`, after a few untimed ones; the split is now
     cached in memory, as it is for the rest of training.
   """
-  num_train = input_pipeline.num_examples(builder, "train")
+  num_train = datasets.num_examples(builder, "train")
   batch = config.global_batch_size
   first_batches = max(1, num_train // batch)
   dataset = input_pipeline.train_dataset(config, "gradient", builder)
   iterator = iter(dataset)
-  progress = Progress("tf.data first pass", first_batches)
+  progress = progress_lib.Progress("tf.data first pass", first_batches, unit="batches")
   start = time.perf_counter()
   for i in range(first_batches):
     next(iterator)
@@ -212,7 +192,7 @@ def measure_tf_data(config: Config, builder, num_batches: int) -> dict:
   first_seconds = time.perf_counter() - start
   for _ in range(3):
     next(iterator)
-  progress = Progress("tf.data steady state", num_batches)
+  progress = progress_lib.Progress("tf.data steady state", num_batches, unit="batches")
   start = time.perf_counter()
   for i in range(num_batches):
     element = next(iterator)
@@ -287,7 +267,7 @@ def seed_style_batches(folder: str, size: Tuple[int, int], batch: int, config: C
 def measure_seed_loader(folder: str, size, batch: int, config: Config) -> dict:
   count = len(os.listdir(os.path.join(folder, "X")))
   total = count // batch
-  progress = Progress("seed-style PIL loader", total)
+  progress = progress_lib.Progress("seed-style PIL loader", total, unit="batches")
   start = time.perf_counter()
   examples = 0
   for i, element in enumerate(seed_style_batches(folder, size, batch, config)):
@@ -326,7 +306,7 @@ def measure_train_step(config: Config, builder, strategy, policy: str, steps: in
   trace_seconds = time.perf_counter() - start
   for _ in range(warmup_steps):
     float(train_loop(iterator, tf.constant(1)))
-  progress = Progress(label, steps)
+  progress = progress_lib.Progress(label, steps)
   times = []
   for i in range(steps):
     start = time.perf_counter()
@@ -350,8 +330,8 @@ def measure_train_step(config: Config, builder, strategy, policy: str, steps: in
 # ----------------------------------------------------------------------------
 def accuracy_run(base: Config, architecture: str, steps_per_s: float, budget: float,
                  workdir: str) -> dict:
-  """train_steps = budget x measured steps/s; the real loop (train.setup_run,
-  train.train_stage) trains, then train.evaluate_stage scores the test split."""
+  """train_steps = budget x measured steps/s; the real loop (workdir.setup_run,
+  train.train_stage) trains, then evaluate.evaluate_stage scores the test split."""
   steps = max(1, int(round(budget * steps_per_s)))
   config = dataclasses.replace(
       base, model_dir=os.path.join(workdir, f"accuracy_{architecture}"),
@@ -360,13 +340,13 @@ def accuracy_run(base: Config, architecture: str, steps_per_s: float, budget: fl
       eval_split="test", num_eval_examples=0)
   logging.info("accuracy %s: %d steps (%.3f steps/s measured x %.0f s budget)",
                architecture, steps, steps_per_s, budget)
-  run = train.setup_run(config)
+  run = workdir_lib.setup_run(config)
   start = time.perf_counter()
   # mode=train: train_stage trains (model build, tracing, input pipeline, steps,
   # final checkpoint) and skips its own evaluation, which is not training time.
   stage = train.train_stage(run, "rough")
   train_seconds = time.perf_counter() - start
-  metrics = train.evaluate_stage(run, "rough", stage.model, stage.step,
+  metrics = evaluate.evaluate_stage(run, "rough", stage.model, stage.step,
                                  tf.summary.create_noop_writer())
   metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
   return {"architecture": architecture, "train_steps": steps, "steps_per_s_measured": steps_per_s,
@@ -457,7 +437,7 @@ def targets(result: dict) -> list:
                   "measured": f"{100 * r['fraction_of_matmul']:.1f}%",
                   "met": r["fraction_of_matmul"] >= 0.6})
   for size, ratio in result["flops_ratio_seed_over_unet"].items():
-    if tuple(parse_size(size)) in main_sizes:
+    if tuple(int(v) for v in size.split("x")) in main_sizes:
       out.append({"name": f"unet >= 10x fewer FLOPs/example than seed ({size})",
                   "measured": f"{ratio:.1f}x", "met": ratio >= 10})
   if result.get("accuracy"):
@@ -477,9 +457,11 @@ def targets(result: dict) -> list:
 # The run.
 # ----------------------------------------------------------------------------
 def run_benchmark() -> dict:
-  image_sizes = [parse_size(s) for s in FLAGS.image_sizes]
-  pipeline_size = parse_size(FLAGS.pipeline_image_size)
-  scaling = sorted(set(image_sizes) | {parse_size(s) for s in FLAGS.scaling_sizes},
+  image_sizes = [config_lib.parse_image_size(s, "--image_sizes") for s in FLAGS.image_sizes]
+  pipeline_size = config_lib.parse_image_size(FLAGS.pipeline_image_size,
+                                               "--pipeline_image_size")
+  scaling = sorted(set(image_sizes) | {config_lib.parse_image_size(s, "--scaling_sizes")
+                                       for s in FLAGS.scaling_sizes},
                    key=lambda s: (s[0] * s[1], s))
   if len(scaling) < 3:
     raise app.UsageError("step time against pixels needs at least 3 distinct sizes in "
@@ -504,7 +486,8 @@ def run_benchmark() -> dict:
                        "flops_convention": "forward from models.count_flops (1 MAC = 2 "
                                            "FLOPs, convolutions); training = 3 x forward"}}
   started = time.perf_counter()
-  builder = input_pipeline.prepare_dataset(base, may_build=True)
+  builder = datasets.prepare_dataset(base.dataset, base.data_dir, base.manual_dir,
+                                     may_build=True)
   strategy = distribute.get_distribution_strategy(base.strategy, num_devices=base.num_devices)
   policy = precision.resolve_policy(base.mixed_precision, strategy)
   precision.set_global_policy(policy)
@@ -522,7 +505,7 @@ def run_benchmark() -> dict:
   def begin(what: str) -> None:
     phase[0] += 1
     logging.info("=== phase %d/%d: %s (%s since start)", phase[0], phases, what,
-                 train.format_seconds(time.perf_counter() - started))
+                 progress_lib.format_seconds(time.perf_counter() - started))
 
   # 1. Input pipelines, same files, same output size.
   begin("matmul peak")
@@ -587,7 +570,8 @@ def run_benchmark() -> dict:
 
   # 5. Equal wall-clock budget.
   if FLAGS.accuracy_budget_seconds > 0:
-    accuracy_size = parse_size(FLAGS.accuracy_image_size)
+    accuracy_size = config_lib.parse_image_size(FLAGS.accuracy_image_size,
+                                                "--accuracy_image_size")
     runs = []
     for arch in FLAGS.architectures:
       rate = by_point.get((arch, accuracy_size))

@@ -10,15 +10,15 @@ from typing import Optional, Tuple
 
 from absl import flags
 
-STAGE_CHOICES = ("rough", "gradient", "finetune", "all")
-MODE_CHOICES = ("train", "eval", "train_and_eval", "export")
-PRECISION_CHOICES = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-SCHEDULE_CHOICES = ("constant", "cosine", "warmup_cosine")
-LOSS_CHOICES = ("mse", "l1", "silog")
-STRATEGY_CHOICES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
-ARCHITECTURE_CHOICES = ("seed", "unet")
-RESIZE_CHOICES = ("nearest", "valid_average")
-FINETUNE_INIT_CHOICES = ("rough", "scratch")
+# The choice lists live with what they choose; the flags take them from there.
+from trainer import checkpoints
+from trainer import depth_ops
+from trainer import distribute
+from trainer import losses
+from trainer import models
+from trainer import optimization
+from trainer import precision
+from trainer import stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,20 +69,18 @@ class Config:
   # Demo chain after `--stage=all`: export, predict a few test images, report.
   num_predict_images: int = 4
 
-  def stage_dir(self, stage: str) -> str:
-    return f"{self.model_dir.rstrip('/')}/{stage}"
-
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
-def parse_image_size(text: str) -> Tuple[int, int]:
+def parse_image_size(text: str, flag: str = "--image_size") -> Tuple[int, int]:
+  """'H,W' -> (H, W): the one form of an image size in every command."""
   try:
     height, width = (int(v) for v in text.split(","))
   except ValueError:
-    raise ValueError(f"--image_size={text!r} must be H,W (two integers), e.g. 128,96")
+    raise ValueError(f"{flag}={text!r} must be H,W (two integers), e.g. 128,96")
   if height < 8 or width < 8:
-    raise ValueError(f"--image_size={text!r}: both sides must be at least 8 pixels")
+    raise ValueError(f"{flag}={text!r}: both sides must be at least 8 pixels")
   return height, width
 
 
@@ -109,24 +107,24 @@ def define_flags() -> None:
                   "Training size H,W; RGB and depth are resized to it (portrait 4:3 keeps "
                   "Record3D's aspect). The default is small so the demo runs in minutes on a "
                   "laptop CPU; use e.g. 192,144 or 384,288 for real captures on accelerators.")
-  f.DEFINE_enum("depth_resize", default.depth_resize, RESIZE_CHOICES,
+  f.DEFINE_enum("depth_resize", default.depth_resize, depth_ops.RESIZE_METHODS,
                 "How depth is resized: nearest, or an average over valid pixels only; both "
                 "keep invalid (0) pixels from bleeding into valid ones.")
   f.DEFINE_float("min_depth", default.min_depth, "Depth below this (m) is invalid in losses and metrics.")
   f.DEFINE_float("max_depth", default.max_depth, "Depth above this (m) is invalid in losses and metrics.")
   f.DEFINE_bool("augment", default.augment, "Horizontal flip and colour jitter on training examples.")
   f.DEFINE_integer("shuffle_buffer", default.shuffle_buffer, "Training shuffle buffer (examples).")
-  f.DEFINE_enum("stage", default.stage, STAGE_CHOICES,
+  f.DEFINE_enum("stage", default.stage, stages.STAGE_CHOICES,
                 "rough: the seed's baseline net; gradient: predicts the Sobel edges of depth; "
                 "finetune: depth net fed with the trained gradient net's output (see "
                 "--finetune_init); all: rough, gradient, then finetune, each in "
                 "<model_dir>/<stage>.")
-  f.DEFINE_enum("architecture", default.architecture, ARCHITECTURE_CHOICES,
+  f.DEFINE_enum("architecture", default.architecture, models.ARCHITECTURES,
                 "seed: the notebook's body exactly (no downsampling, ~0.41 M MACs/pixel); "
                 "unet: encoder-decoder with skips, far cheaper (see README Performance).")
   f.DEFINE_bool("freeze_gradient", default.freeze_gradient,
                 "Finetune stage: keep the gradient net's weights fixed.")
-  f.DEFINE_enum("finetune_init", default.finetune_init, FINETUNE_INIT_CHOICES,
+  f.DEFINE_enum("finetune_init", default.finetune_init, checkpoints.FINETUNE_INITS,
                 "Finetune stage: rough (fine-tune the trained rough net of this --model_dir, "
                 "its gradient-input weights starting at zero, so step 0 predicts what rough "
                 "does) or scratch (a freshly initialised body).")
@@ -134,15 +132,15 @@ def define_flags() -> None:
                    "Examples per step over all replicas; must divide by the replica count.")
   f.DEFINE_integer("train_steps", default.train_steps, "Optimizer steps per stage.")
   f.DEFINE_float("learning_rate", default.learning_rate, "Peak learning rate (Adam).")
-  f.DEFINE_enum("lr_schedule", default.lr_schedule, SCHEDULE_CHOICES, "Learning-rate schedule.")
+  f.DEFINE_enum("lr_schedule", default.lr_schedule, optimization.SCHEDULES, "Learning-rate schedule.")
   f.DEFINE_integer("warmup_steps", default.warmup_steps, "Linear warm-up steps for warmup_cosine.")
-  f.DEFINE_enum("loss", default.loss, LOSS_CHOICES,
+  f.DEFINE_enum("loss", default.loss, losses.LOSSES,
                 "Depth loss over valid pixels: mse (the seed's), l1, silog (Eigen "
                 "scale-invariant log). The gradient stage always uses mse on Sobel edges.")
   f.DEFINE_float("gradient_matching_weight", default.gradient_matching_weight,
                  "Weight of the multi-scale gradient-matching term added to the depth loss.")
   f.DEFINE_integer("seed", default.seed, "Random seed (weights, shuffling, augmentation).")
-  f.DEFINE_enum("mode", default.mode, MODE_CHOICES,
+  f.DEFINE_enum("mode", default.mode, stages.MODES,
                 "train, eval (latest checkpoint), train_and_eval, or export (latest checkpoint "
                 "to <model_dir>/export).")
   f.DEFINE_integer("steps_per_loop", default.steps_per_loop,
@@ -158,13 +156,13 @@ def define_flags() -> None:
                    "Evaluate on at most this many examples (0: the whole split).")
   f.DEFINE_integer("num_image_summaries", default.num_image_summaries,
                    "Test images shown in TensorBoard and kept for the comparison grid.")
-  f.DEFINE_enum("strategy", default.strategy, STRATEGY_CHOICES,
+  f.DEFINE_enum("strategy", default.strategy, distribute.STRATEGIES,
                 "tf.distribute strategy; auto: TPU if found, multi-worker if TF_CONFIG names "
                 "a cluster, mirrored with several GPUs, else one device.")
   f.DEFINE_integer("num_devices", default.num_devices,
                    "Local devices for --strategy=mirrored (default: all GPUs).")
   f.DEFINE_string("tpu", default.tpu, "TPU name, or 'local' on a TPU VM.")
-  f.DEFINE_enum("mixed_precision", default.mixed_precision, PRECISION_CHOICES,
+  f.DEFINE_enum("mixed_precision", default.mixed_precision, precision.CHOICES,
                 "auto: mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU.")
   f.DEFINE_integer("num_predict_images", default.num_predict_images,
                    "--stage=all: test images run through the exported model with trainer.predict.")

@@ -9,6 +9,7 @@ Everything except `colourize` on numpy input is pure TensorFlow and works in gra
 mode with dynamic shapes (inside `tf.data` and `strategy.run`).
 """
 
+import matplotlib
 import numpy as np
 import tensorflow as tf
 
@@ -127,38 +128,25 @@ def resize_depth(depth, size, method="nearest", min_weight=0.5):
   return restore(out)
 
 
-# A "turbo-like" rainbow (dark blue -> blue -> cyan -> green -> yellow -> orange
-# -> dark red) defined by hand-picked anchor colours and linear interpolation to
-# 256 entries. It is not Google's Turbo table, only close in spirit, and avoids a
-# matplotlib dependency. Anchors: (position, R, G, B) in [0, 1].
-_TURBO_LIKE_ANCHORS = np.array([
-    (0.00, 0.19, 0.07, 0.23),
-    (0.10, 0.27, 0.29, 0.72),
-    (0.22, 0.25, 0.55, 0.98),
-    (0.35, 0.10, 0.85, 0.85),
-    (0.48, 0.30, 0.98, 0.45),
-    (0.60, 0.72, 0.96, 0.20),
-    (0.70, 0.97, 0.80, 0.20),
-    (0.80, 0.99, 0.52, 0.12),
-    (0.90, 0.86, 0.22, 0.04),
-    (1.00, 0.48, 0.02, 0.01),
-], np.float64)
+# Colour tables [256, 3] uint8 from matplotlib's maintained colormaps: "turbo"
+# (Google's rainbow: dark blue near -> red far, perceptually ordered) and "gray".
+COLOUR_MAPS = ("turbo", "gray")
+COLOUR_TABLES = {
+    name: np.round(matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0
+                   ).astype(np.uint8)
+    for name in COLOUR_MAPS
+}
 
 
-def _colour_table(cmap):
-  """[256, 3] uint8 colour table."""
-  x = np.linspace(0.0, 1.0, 256)
-  if cmap == "turbo":
-    anchors = _TURBO_LIKE_ANCHORS
-    rgb = np.stack([np.interp(x, anchors[:, 0], anchors[:, c]) for c in (1, 2, 3)], -1)
-  elif cmap == "gray":
-    rgb = np.stack([x, x, x], -1)
-  else:
-    raise ValueError(f"Unknown colormap {cmap!r}; valid: ('turbo', 'gray')")
-  return np.round(rgb * 255.0).astype(np.uint8)
-
-
-COLOUR_TABLES = {name: _colour_table(name) for name in ("turbo", "gray")}
+def depth_range(*depths) -> tuple:
+  """(vmin, vmax) over the valid (finite, > 0) pixels of the given depth maps:
+  the one colour scale shared by the images of a row, a figure or a video.
+  (0, 1) when no pixel is valid."""
+  valid = [np.asarray(d, np.float32) for d in depths]
+  valid = np.concatenate([d[np.isfinite(d) & (d > 0)].ravel() for d in valid])
+  if not valid.size:
+    return 0.0, 1.0
+  return float(valid.min()), float(valid.max())
 
 
 def colourize(depth, vmin=None, vmax=None, cmap="turbo"):
@@ -169,7 +157,7 @@ def colourize(depth, vmin=None, vmax=None, cmap="turbo"):
     vmin, vmax: the depth mapped to the first / last colour. Pass the SAME
       values for every image of a grid (RGB / ground truth / prediction) so the
       colours are comparable. None: min / max over the valid pixels of `depth`.
-    cmap: "turbo" (turbo-like rainbow, near = blue, far = red) or "gray".
+    cmap: one of COLOUR_MAPS: "turbo" (near = blue, far = red) or "gray".
 
   Returns:
     uint8 [..., H, W, 3]: a numpy array for numpy input, a tf tensor otherwise
@@ -187,10 +175,10 @@ def _colourize_numpy(depth, vmin, vmax, table):
   if depth.ndim >= 3 and depth.shape[-1] == 1:
     depth = depth[..., 0]
   valid = np.isfinite(depth) & (depth > 0)
-  if vmin is None:
-    vmin = float(depth[valid].min()) if valid.any() else 0.0
-  if vmax is None:
-    vmax = float(depth[valid].max()) if valid.any() else 1.0
+  if vmin is None or vmax is None:
+    low, high = depth_range(depth)
+    vmin = low if vmin is None else vmin
+    vmax = high if vmax is None else vmax
   scale = max(float(vmax) - float(vmin), 1e-12)
   t = np.clip((np.where(valid, depth, vmin) - vmin) / scale, 0.0, 1.0)
   rgb = table[np.round(t * 255.0).astype(np.int32)]

@@ -6,14 +6,20 @@ resized back), so callers never have to know it. A finetune export contains
 the gradient network: one call runs the whole chain.
 """
 
+from __future__ import annotations
+
 import json
+from typing import TYPE_CHECKING
 
 from absl import logging
 import keras
 import tensorflow as tf
 
 from trainer import models
-from trainer.config import Config
+from trainer import preprocessing
+
+if TYPE_CHECKING:
+  from trainer.config import Config
 
 
 class DepthServingModule(tf.Module):
@@ -32,9 +38,8 @@ class DepthServingModule(tf.Module):
   def predict_depth(self, images):
     """uint8 [B,H,W,3] -> float32 [B,H,W] meters."""
     size = tf.shape(images)[1:3]
-    x = tf.image.resize(tf.cast(images, tf.float32) / 255.0, self.image_size,
-                        method="bilinear", antialias=True)
-    depth = tf.cast(self.network(tf.clip_by_value(x, 0.0, 1.0), training=False), tf.float32)
+    x = preprocessing.network_input(images, self.image_size)  # as in training
+    depth = tf.cast(self.network(x, training=False), tf.float32)
     depth = tf.image.resize(depth, size, method="bilinear")  # [B,H,W,1]
     # The training targets never exceed max_depth; say so rather than extrapolate.
     return tf.clip_by_value(depth[..., 0], 0.0, self.max_depth)

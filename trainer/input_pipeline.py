@@ -7,59 +7,24 @@ Each element after `preprocess` is a dict of float32 tensors at the training siz
   gradient stage (computed here, on the fly).
 """
 
+from __future__ import annotations
+
 import functools
 import math
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from trainer import datasets
 from trainer import depth_ops
-from trainer.config import Config
+from trainer import preprocessing
+
+if TYPE_CHECKING:
+  from trainer.config import Config
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-# ----------------------------------------------------------------------------
-# The TFDS source.
-# ----------------------------------------------------------------------------
-def _register_builders(dataset: str) -> None:
-  if dataset.split("/")[0] == "record3d":
-    import tfds_record3d  # pylint: disable=g-import-not-at-top,unused-import  # registers `record3d`
-
-
-def get_builder(config: Config) -> tfds.core.DatasetBuilder:
-  _register_builders(config.dataset)
-  return tfds.builder(config.dataset, data_dir=config.data_dir)
-
-
-def prepare_dataset(config: Config, may_build: bool) -> tfds.core.DatasetBuilder:
-  """Returns the builder, building the dataset first when it is missing.
-
-  Only one process may build (`may_build`, the chief): several workers
-  writing the same TFDS folder would corrupt it.
-  """
-  builder = get_builder(config)
-  if builder.is_prepared():
-    return builder
-  if not may_build:
-    raise FileNotFoundError(
-        f"{config.dataset} is not prepared in {builder.data_dir} and only the chief may "
-        "build it; prepare it first (`tfds build`, see README) or let the chief run alone")
-  logging.info("%s is not prepared in %s: building it now (this runs once).",
-               config.dataset, builder.data_dir)
-  download_config = tfds.download.DownloadConfig(manual_dir=config.manual_dir)
-  builder.download_and_prepare(download_config=download_config)
-  return builder
-
-
-def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
-  if split not in builder.info.splits:
-    raise ValueError(f"split {split!r} is not in {builder.info.full_name}: "
-                     f"available {sorted(builder.info.splits)}")
-  return builder.info.splits[split].num_examples
 
 
 # ----------------------------------------------------------------------------
@@ -73,9 +38,7 @@ def preprocess(example: dict, config: Config, stage: str, training: bool,
 
 def resize_example(example: dict, config: Config) -> dict:
   """The deterministic part: {image [H,W,3] in [0,1], depth [H,W,1] meters, 0 invalid}."""
-  image = tf.image.convert_image_dtype(example["image"], tf.float32)  # [Hi,Wi,3] in [0,1]
-  image = tf.image.resize(image, config.image_size, method="bilinear", antialias=True)
-  image = tf.clip_by_value(image, 0.0, 1.0)  # antialiasing can overshoot slightly
+  image = preprocessing.network_input(example["image"], config.image_size)  # [H,W,3] in [0,1]
 
   depth = tf.cast(example["depth"], tf.float32)[..., None]  # [Hd,Wd,1]
   in_range = (depth > config.min_depth) & (depth < config.max_depth)
@@ -165,7 +128,7 @@ CACHE_LIMIT_BYTES = 2 * 1024**3
 def _cached_bytes(builder, split: str, config: Config) -> int:
   """Memory the resized split takes: float32 RGB + depth at the training size."""
   height, width = config.image_size
-  return num_examples(builder, split) * height * width * 4 * 4
+  return datasets.num_examples(builder, split) * height * width * 4 * 4
 
 
 def eval_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
@@ -178,7 +141,7 @@ def eval_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   once and every batch has the same static shape (TPU).
   """
   split = split or config.eval_split
-  total = num_examples(builder, split)
+  total = datasets.num_examples(builder, split)
   if config.num_eval_examples:
     total = min(total, config.num_eval_examples)
   ds = builder.as_dataset(split=split, shuffle_files=False).take(total)

@@ -13,7 +13,7 @@ from absl import logging
 
 from trainer import cloud_env
 from trainer import config as config_lib
-from trainer import train
+from trainer import stages
 
 config_lib.define_flags()
 flags.adopt_module_key_flags(config_lib)
@@ -30,7 +30,7 @@ def main(argv):
                                           dirs.tensorboard_dir)
   except ValueError as e:
     raise app.UsageError(str(e))
-  results = train.train_and_evaluate(config)
+  results = stages.train_and_evaluate(config)
   for stage, result in results.items():
     state = "stopped by SIGTERM (rerun to resume)" if result.preempted else "done"
     logging.info("%s: %s at step %d", stage, state, result.step)

@@ -5,6 +5,7 @@ import keras
 import tensorflow as tf
 
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+CHOICES = ("auto",) + POLICIES  # --mixed_precision
 
 
 def resolve_policy(name: str, strategy: tf.distribute.Strategy) -> str:

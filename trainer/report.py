@@ -1,15 +1,23 @@
 """The comparison a person looks at after `--stage=all`.
 
-`<model_dir>/results.md`: the metrics table (rough, finetune and a constant
-predictor: the training set's median depth) and `<model_dir>/comparison.png`:
-rows of RGB | ground truth | rough | finetune, one colour scale per row.
+`<model_dir>/results.md` (+ results.json): the metrics table (rough, finetune
+and a constant predictor: the training split's median depth), and
+`<model_dir>/comparison.png`: one row per test image, columns RGB | ground
+truth | rough | finetune, one colour scale per row with its colour bar in
+meters, each prediction titled with its abs_rel. Then `trainer.predict` runs
+on a few test images, as a user would (`<model_dir>/predict/`).
 """
+
+from __future__ import annotations
 
 import io
 import json
-from typing import Dict, Sequence
+from typing import TYPE_CHECKING, Dict, Sequence
 
 from absl import logging
+import matplotlib
+matplotlib.use("Agg")  # files only, no display
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 from PIL import Image
 import tensorflow as tf
@@ -17,11 +25,16 @@ import tensorflow as tf
 from trainer import depth_ops
 from trainer import input_pipeline
 from trainer import metrics as metrics_lib
-from trainer.config import Config
+from trainer import predict
+from trainer import workdir
 
-GRID_MIN_TILE_WIDTH = 160  # pixels per tile in comparison.png, at least
+if TYPE_CHECKING:
+  from trainer.config import Config
+
 TABLE_METRICS = ("abs_rel", "rmse", "delta1", "delta2", "sq_rel", "rmse_log", "log10",
                  "silog", "mse")
+REPORT_STAGES = ("rough", "finetune")  # the depth stages compared
+FIGURE_TILE_INCHES = 2.2  # width of one image column in comparison.png
 
 
 def constant_predictor_metrics(config: Config, builder, value: float) -> dict:
@@ -45,24 +58,49 @@ def metrics_table(rows: Dict[str, dict], names: Sequence[str] = TABLE_METRICS) -
   return "\n".join(lines)
 
 
-def comparison_grid(samples: Dict[str, dict]) -> np.ndarray:
-  """uint8 image: per test example a row RGB | truth | one column per stage."""
-  first = next(iter(samples.values()))
-  rows = []
-  for i in range(len(first["image"])):
+def comparison_figure(samples: Dict[str, dict], config: Config, path: str) -> None:
+  """Writes the comparison PNG: rows of RGB | ground truth | one column per stage.
+
+  `samples`: {stage: {"image" [N,H,W,3] in [0,1], "depth" [N,H,W,1] m,
+  "prediction" [N,H,W,1] m}} with the same N test images for every stage.
+  """
+  stages = list(samples)
+  first = samples[stages[0]]
+  count = len(first["image"])
+  height, width = first["image"].shape[1:3]
+  columns = 2 + len(stages)
+  figure, axes = plt.subplots(
+      count, columns, squeeze=False, constrained_layout=True,
+      figsize=(FIGURE_TILE_INCHES * columns + 0.8,
+               FIGURE_TILE_INCHES * height / width * count + 0.6))
+  cmap = matplotlib.colormaps["turbo"].with_extremes(bad="black")  # black: invalid truth
+  for i in range(count):
     truth = first["depth"][i][..., 0]
-    valid = truth[truth > 0]
-    vmin, vmax = (float(valid.min()), float(valid.max())) if valid.size else (0.0, 1.0)
-    tiles = [np.round(first["image"][i] * 255).astype(np.uint8),
-             depth_ops.colourize(truth, vmin, vmax)]
-    for stage_samples in samples.values():
-      tiles.append(depth_ops.colourize(stage_samples["prediction"][i][..., 0], vmin, vmax))
-    rows.append(np.concatenate(tiles, axis=1))
-  grid = np.concatenate(rows, axis=0)
-  # Training images are small (64x48 by default): enlarge with whole pixels so
-  # a person can see them; nearest-neighbour keeps the depth values honest.
-  scale = max(1, GRID_MIN_TILE_WIDTH // first["image"].shape[2])
-  return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    vmin, vmax = depth_ops.depth_range(truth)  # one scale per row: the ground truth's
+    row = axes[i]
+    row[0].imshow(first["image"][i])
+    row[0].set_title("RGB" if i == 0 else "")
+    shown = row[1].imshow(np.where(truth > 0, truth, np.nan), cmap=cmap, vmin=vmin, vmax=vmax)
+    row[1].set_title("ground truth" if i == 0 else "")
+    for column, stage in enumerate(stages, start=2):
+      prediction = samples[stage]["prediction"][i]
+      abs_rel = float(metrics_lib.depth_metrics(
+          truth[None], prediction[None, ..., 0], config.min_depth, config.max_depth
+      )["abs_rel"][0])
+      row[column].imshow(prediction[..., 0], cmap=cmap, vmin=vmin, vmax=vmax)
+      row[column].set_title(f"{stage} ({config.architecture})\nabs_rel {abs_rel:.3f}",
+                            fontsize=9)
+    for axis in row:
+      axis.set_xticks([])
+      axis.set_yticks([])
+    figure.colorbar(shown, ax=list(row), shrink=0.9, label="depth (m)")
+  figure.suptitle(f"{config.dataset}, split {config.eval_split}: {count} images at "
+                  f"{height}x{width} (black: no ground truth)")
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=100)
+  plt.close(figure)
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(buffer.getvalue())
 
 
 def _load_samples(path: str) -> dict:
@@ -74,30 +112,27 @@ def write_report(config: Config, builder, stage_metrics: Dict[str, dict]) -> str
   """Writes results.md (+ results.json) and comparison.png; returns the table."""
   median = input_pipeline.training_median_depth(config, builder)
   rows = {f"constant (train median {median:.2f} m)": constant_predictor_metrics(config, builder, median)}
-  for stage in ("rough", "finetune"):
+  for stage in REPORT_STAGES:
     if stage in stage_metrics:
       rows[f"{stage} ({config.architecture})"] = stage_metrics[stage]
   table = metrics_table(rows)
-  base = config.model_dir.rstrip("/")
+  base = workdir.root(config)
   with tf.io.gfile.GFile(f"{base}/results.md", "w") as f:
     f.write(f"# {config.dataset}, split {config.eval_split}, image {config.image_size[0]}x"
             f"{config.image_size[1]}, {config.train_steps} steps per stage\n\n{table}\n")
   with tf.io.gfile.GFile(f"{base}/results.json", "w") as f:
     json.dump(rows, f, indent=2, sort_keys=True)
-  samples = {stage: _load_samples(f"{config.stage_dir(stage)}/samples.npz")
-             for stage in ("rough", "finetune") if stage in stage_metrics}
+  samples = {stage: _load_samples(f"{workdir.stage_dir(config, stage)}/samples.npz")
+             for stage in REPORT_STAGES if stage in stage_metrics}
   if samples:
-    grid = comparison_grid(samples)
-    with tf.io.gfile.GFile(f"{base}/comparison.png", "wb") as f:
-      Image.fromarray(grid).save(f, format="PNG")
-  logging.info("results (%s/results.md, grid in %s/comparison.png):\n%s", base, base, table)
+    comparison_figure(samples, config, f"{base}/comparison.png")
+  logging.info("results (%s/results.md, figure in %s/comparison.png):\n%s", base, base, table)
   return table
 
 
 def predict_test_images(config: Config, builder, export_dir: str) -> dict:
   """Runs trainer.predict on a few eval-split images saved as PNG, as a user would."""
-  from trainer import predict  # pylint: disable=g-import-not-at-top  # defines CLI flags
-  base = config.model_dir.rstrip("/")
+  base = workdir.root(config)
   inputs_dir, outputs_dir = f"{base}/predict/inputs", f"{base}/predict/outputs"
   tf.io.gfile.makedirs(inputs_dir)
   paths = []

@@ -1,0 +1,94 @@
+"""The stage chain and `--mode`: `train_and_evaluate(config)` is the whole run.
+
+--stage=all trains rough, gradient, then finetune (finetune needs the
+gradient net and, with --finetune_init=rough, the rough net), exports the
+depth stages and writes the report. --mode picks train, eval (the latest
+checkpoints), train_and_eval, or export (the latest checkpoints).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import tensorflow as tf
+
+from trainer import checkpoints
+from trainer import evaluate
+from trainer import export as export_lib
+from trainer import models
+from trainer import report
+from trainer import train
+from trainer import workdir
+
+if TYPE_CHECKING:
+  from trainer.config import Config
+
+STAGE_ORDER = models.STAGES  # rough, gradient, finetune: each needs the ones before
+ALL = "all"
+STAGE_CHOICES = STAGE_ORDER + (ALL,)
+MODES = ("train", "eval", "train_and_eval", "export")
+
+
+def stages_to_run(stage: str) -> tuple:
+  return STAGE_ORDER if stage == ALL else (stage,)
+
+
+def train_and_evaluate(config: "Config") -> dict:
+  """Trains (and evaluates) each requested stage; returns {stage: StageResult}."""
+  run = workdir.setup_run(config)
+  results = {}
+  for stage in stages_to_run(config.stage):
+    if config.mode == "eval":
+      results[stage] = evaluate_only(run, stage)
+      continue
+    if config.mode == "export":
+      model, step = restore_stage_model(run, stage)
+      results[stage] = train.StageResult(stage, step, {}, model=model)
+      continue
+    results[stage] = train.train_stage(run, stage)
+    if results[stage].preempted:
+      return results
+  if config.mode != "eval" and run.is_chief:
+    export_stages(config, results)
+  if config.stage == ALL and config.mode == "train_and_eval" and run.is_chief:
+    # The demo chain: metrics table + comparison figure, then predict as a user would.
+    report.write_report(config, run.builder, {s: r.metrics for s, r in results.items()})
+    report.predict_test_images(config, run.builder, workdir.export_dir(config))
+  return results
+
+
+def export_stages(config: "Config", results: dict) -> None:
+  """Each depth stage to <model_dir>/<stage>/export; the best chain to <model_dir>/export.
+
+  The best chain is finetune when it ran (it contains the gradient net), else rough.
+  """
+  for stage, result in results.items():
+    if stage != "gradient":
+      export_lib.export_saved_model(config, stage, result.model,
+                                    workdir.export_dir(config, stage))
+  main_stage = "finetune" if "finetune" in results else "rough" if "rough" in results else None
+  if main_stage:
+    export_lib.export_saved_model(config, main_stage, results[main_stage].model,
+                                  workdir.export_dir(config))
+
+
+def restore_stage_model(run: workdir.Run, stage: str):
+  """The stage's network with its latest checkpoint's weights: (model, step)."""
+  ckpt_dir = workdir.checkpoint_dir(run.config, stage)
+  latest = tf.train.latest_checkpoint(ckpt_dir)
+  if latest is None:
+    raise FileNotFoundError(
+        f"--mode={run.config.mode}: {ckpt_dir} has no checkpoint for stage {stage!r}; "
+        "train it first (--mode=train or train_and_eval)")
+  with run.strategy.scope():
+    model = train.build_stage_model(run.config, stage, restore_gradient=False)
+  checkpoints.restore_or_explain(tf.train.Checkpoint(model=model), latest, run.config,
+                                 model_only=True)
+  return model, checkpoints.latest_step(latest)
+
+
+def evaluate_only(run: workdir.Run, stage: str) -> train.StageResult:
+  model, step = restore_stage_model(run, stage)
+  writer = workdir.summary_writer(run, stage)
+  return train.StageResult(stage, step, evaluate.evaluate_stage(run, stage, model, step, writer),
+                           model=model)
