@@ -16,6 +16,7 @@ CORE = [
     "absl-py>=2.1,<3",
     "numpy>=1.26,<3",
     "Pillow>=10,<14",
+    "matplotlib>=3.8,<4",  # colour maps and the report's comparison figure
     "lzfse>=0.4,<0.5",  # Record3D .r3d depth and confidence are LZFSE-compressed
     "openexr>=3.2,<4",  # Record3D EXR exports and .exr depth in `pairs`
     "google-cloud-storage>=2.18,<4",
@@ -23,12 +24,12 @@ CORE = [
 
 CLOUD = [
     "google-cloud-aiplatform>=1.70,<3",
+    "PyYAML>=6,<7",  # `launch.vertex --dry_run` writes the gcloud --config YAML
 ]
 
 TEST = CLOUD + [
     "pytest>=8,<10",
     "dill>=0.3",  # tfds.testing imports it
-    "PyYAML>=6",  # the launch tests read back the gcloud YAML
     "gcp-storage-emulator>=2024.0",
 ]
 

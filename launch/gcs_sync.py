@@ -3,29 +3,44 @@
 Used by `python -m launch.stage` to put a manual data folder or a prepared
 TFDS directory on gs:// and to bring exports back.
 
-How each promise is kept:
-  * Parallel: one thread per transfer (I/O bound), each with its own client.
+Who does what: we decide what to send (listing, CRC32C comparison) and check
+what arrived; google-cloud-storage's `transfer_manager` moves the bytes,
+`--workers` files at a time. How each promise is kept:
+  * Parallel: `transfer_manager.upload_many` / `download_many` with thread
+    workers (I/O bound; threads also hand back the updated Blob objects the
+    checks below read, which process workers would not). The threads share
+    one client; above 10 workers urllib3 warns that its connection pool is
+    full and opens the extra connections anyway.
   * Skips what is already there: a file is skipped when the object's CRC32C
-    (or MD5 when an object has no CRC32C) equals the local file's.
+    (or MD5 when an object has no CRC32C) equals the local file's. Ours:
+    transfer_manager's `skip_if_exists` only looks at names, so a damaged or
+    stale object would be kept.
   * Resumes after interruption: at file granularity, because the next run
     skips the files that arrived intact. Big files use resumable uploads, so
-    one dropped connection retries a chunk, not the whole file.
+    one dropped connection retries a chunk, not the whole file (the client
+    library uploads files above 8 MiB that way).
   * No half-written objects: a Cloud Storage object only comes into
     existence when its upload is finalised; an interrupted upload leaves
-    nothing (or the old object) under the name. We also declare the
-    whole-file CRC32C when starting a resumable upload so the service
-    refuses to finalise bytes that do not match, and we upload with a
-    generation precondition (`if_generation_match`: 0 for a new object, the
-    listed generation for a replacement) so two runs cannot silently
-    overwrite each other. Writing to a temporary name and then copying
-    would double the traffic for no extra safety.
-  * Verifies what it wrote: after each upload the CRC32C the service
-    reports for the stored object is compared with the local file's; on a
-    mismatch (e.g. the file changed while it was read) the object is
-    deleted again and the file reported as failed, so no later run can take
-    it as complete.
-  * Downloads go to a temporary file beside the target, are checked
-    against the object's CRC32C, then renamed into place (atomic on POSIX).
+    nothing under the name. Each Blob carries the file's CRC32C as metadata,
+    so for resumable uploads the service refuses to finalise bytes that do
+    not match (multipart uploads send the checksum of the bytes they sent).
+    Every upload is a creation with a generation precondition
+    (`if_generation_match=0`), so two runs cannot silently overwrite each
+    other. transfer_manager takes one set of upload arguments for all files,
+    so it cannot carry a per-file precondition for a replacement; an object
+    that differs is therefore first deleted with `if_generation_match` set to
+    the generation we listed (which fails if another run changed it in
+    between), then created like a new one. Writing to a temporary name and
+    then copying would double the traffic for no extra safety.
+  * Verifies what it wrote (ours; transfer_manager does not): after each
+    upload the CRC32C the service reports for the stored object is compared
+    with the checksum taken before the upload; on a mismatch (e.g. the file
+    changed while it was read) the object is deleted again and the file
+    reported as failed, so no later run can take it as complete.
+  * Downloads go to a temporary file beside the target (pinned to the listed
+    generation), are checked against the object's checksum by us (the
+    library skips its own check when the service sends no hash), then
+    renamed into place (atomic on POSIX).
 """
 
 import base64
@@ -33,13 +48,12 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
-import threading
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import google_crc32c
 
-from launch import progress as progress_lib
+from trainer import progress as progress_lib
 
 _READ_BLOCK = 4 * 2**20
 # Suffix of the temporary files downloads write; never uploaded.
@@ -160,7 +174,7 @@ def list_remote(client, location: GcsPath) -> Dict[str, RemoteObject]:
   return objects
 
 
-def default_client_factory():
+def default_client():
   # Imported here so the module loads without google-cloud-storage's import
   # cost when only parsing paths. The client honours STORAGE_EMULATOR_HOST
   # (anonymous credentials then).
@@ -168,112 +182,128 @@ def default_client_factory():
   return storage.Client()
 
 
-class _PerThreadClient:
-  """One storage client per worker thread (HTTP sessions are not shared)."""
-
-  def __init__(self, factory: Callable[[], object]):
-    self._factory = factory
-    self._local = threading.local()
-
-  def get(self):
-    if not hasattr(self._local, "client"):
-      self._local.client = self._factory()
-    return self._local.client
+def _transfer_manager():
+  from google.cloud.storage import transfer_manager  # pylint: disable=g-import-not-at-top
+  return transfer_manager
 
 
-def _open_for_upload(path: str):
-  # A seam for tests that interrupt an upload part-way through a file.
-  return open(path, "rb")
+# How often the progress line may be logged while transfer_manager works.
+_PROGRESS_SECONDS = 2.0
 
 
-def upload_file(client, location: GcsPath, relative: str, local: LocalFile,
-                local_crc32c: str, existing: Optional[RemoteObject],
-                resumable_threshold: int, chunk_size: int) -> None:
-  """Uploads one file under the rules in the module docstring; raises on failure."""
-  bucket = client.bucket(location.bucket)
-  # A chunk size makes the client use a resumable upload for this object.
-  blob = bucket.blob(location.object_name(relative),
-                     chunk_size=chunk_size if local.size > resumable_threshold else None)
-  with _open_for_upload(local.path) as stream:
-    blob.upload_from_file(
-        stream, size=local.size, rewind=False,
-        if_generation_match=existing.generation if existing else 0,
-        checksum="crc32c",
-        crc32c_checksum_value=local_crc32c)
+def _run_with_progress(direction: str, transfer: Callable[[], list], total_files: int,
+                       total_bytes: int, done: Callable[[], Tuple[int, int]]) -> list:
+  """Runs a blocking transfer_manager call, logging progress while it works.
+
+  transfer_manager reports nothing until every file is done, so this thread
+  polls `done` -> (bytes, files) while the call runs in another one.
+  """
+  progress = progress_lib.Progress(direction, total_bytes, unit="",
+                                   format_amount=progress_lib.format_mib,
+                                   every_seconds=_PROGRESS_SECONDS)
+
+  def update(force=False):
+    nbytes, files = done()
+    progress.update(done=nbytes, suffix=f"{files}/{total_files} files", force=force)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as runner:
+    future = runner.submit(transfer)
+    while True:
+      try:
+        results = future.result(timeout=_PROGRESS_SECONDS / 2)
+        break
+      except concurrent.futures.TimeoutError:
+        update()
+  update(force=True)
+  return results
+
+
+def _record(report: SyncReport, relative: str, size: int, error: Optional[Exception]) -> None:
+  if error is None:
+    report.transferred.append(relative)
+    report.bytes_transferred += size
+    return
+  # Keep going: every other file that arrives is one less for the rerun.
+  logging.error("%s: %s: %s", relative, type(error).__name__, error)
+  report.failed.append((relative, f"{type(error).__name__}: {error}"))
+
+
+def _log_plan(direction: str, count: int, nbytes: int, report: SyncReport) -> None:
+  logging.info("%s: %d files to transfer (%.1f MiB), %d already identical", direction,
+               count, nbytes / 2**20, len(report.skipped))
+
+
+@dataclasses.dataclass
+class _Upload:
+  relative: str
+  local: LocalFile
+  crc32c: str  # of the file, taken before the upload
+  blob: object  # google.cloud.storage.Blob; holds the stored object's metadata afterwards
+
+
+def _check_stored(location: GcsPath, upload: _Upload) -> None:
+  """Raises VerificationError (after deleting the object) unless it holds the file."""
+  blob = upload.blob
   # The upload response carries the stored object's metadata as computed by
   # the service over the bytes it kept.
-  stored = blob.crc32c
-  if stored is None:
+  if blob.crc32c is None:
     blob.reload()
-    stored = blob.crc32c
-  if stored != local_crc32c or int(blob.size or 0) != local.size:
+  if blob.crc32c != upload.crc32c or int(blob.size or 0) != upload.local.size:
+    stored = (blob.crc32c, blob.size)
     blob.delete(if_generation_match=blob.generation)
     raise VerificationError(
-        f"gs://{location.bucket}/{blob.name}: stored crc32c {stored} / {blob.size} bytes "
-        f"!= local {local_crc32c} / {local.size} bytes (file changed while uploading?); "
-        "deleted the object")
+        f"gs://{location.bucket}/{blob.name}: stored crc32c {stored[0]} / {stored[1]} bytes "
+        f"!= local {upload.crc32c} / {upload.local.size} bytes (file changed while "
+        "uploading?); deleted the object")
 
 
-def download_file(client, location: GcsPath, remote: RemoteObject, target: str) -> None:
-  """Downloads one object to a temporary file, checks it, renames it into place."""
-  os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-  partial = target + PARTIAL_SUFFIX
-  blob = client.bucket(location.bucket).blob(remote.name, generation=remote.generation)
-  try:
-    blob.download_to_filename(partial, checksum=None)  # we check below, for any size
-    local_size = os.path.getsize(partial)
-    if not same_content(partial, local_size, remote):
-      raise VerificationError(
-          f"gs://{location.bucket}/{remote.name}: downloaded bytes do not match the "
-          f"object's checksum")
-    os.replace(partial, target)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
+def _upload_all(location: GcsPath, uploads: Sequence[_Upload], workers: int,
+                report: SyncReport) -> None:
+  transfer_manager = _transfer_manager()
 
+  def transfer():
+    return transfer_manager.upload_many(
+        [(upload.local.path, upload.blob) for upload in uploads],
+        upload_kwargs={"if_generation_match": 0, "checksum": "crc32c"},
+        worker_type=transfer_manager.THREAD, max_workers=workers, raise_exception=False)
 
-def _run_parallel(direction: str, jobs, workers: int, report: SyncReport) -> None:
-  """jobs: list of (relative, size, callable), run `workers` at a time with a
-  progress line; failures are recorded in `report`, not raised."""
-  total_bytes = sum(size for _, size, _ in jobs)
-  logging.info("%s: %d files to transfer (%.1f MiB), %d already identical", direction,
-               len(jobs), total_bytes / 2**20, len(report.skipped))
-  if not jobs:
-    return
-  progress = progress_lib.TransferProgress(direction, len(jobs), total_bytes)
-  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    futures = {pool.submit(fn): (relative, size) for relative, size, fn in jobs}
-    for future in concurrent.futures.as_completed(futures):
-      relative, size = futures[future]
+  def done():
+    # A Blob gets its generation from the upload response, i.e. once stored.
+    stored = [u.local.size for u in uploads if u.blob.generation is not None]
+    return sum(stored), len(stored)
+
+  results = _run_with_progress("upload", transfer, len(uploads),
+                               sum(u.local.size for u in uploads), done)
+  for upload, result in zip(uploads, results):
+    error = result if isinstance(result, Exception) else None
+    if error is None:
       try:
-        future.result()
+        _check_stored(location, upload)
       except Exception as e:  # pylint: disable=broad-except
-        # Keep going: every other file that arrives is one less for the rerun.
-        logging.error("%s: %s: %s", relative, type(e).__name__, e)
-        report.failed.append((relative, f"{type(e).__name__}: {e}"))
-        progress.add(0)
-        continue
-      report.transferred.append(relative)
-      report.bytes_transferred += size
-      progress.add(size)
+        error = e
+    _record(report, upload.relative, upload.local.size, error)
 
 
-def upload_tree(local_root: str, destination: str, workers: int = 8,
-                client_factory: Callable[[], object] = default_client_factory,
+def upload_tree(local_root: str, destination: str, workers: int = 8, client=None,
                 resumable_threshold: int = 8 * 2**20, chunk_size: int = 16 * 2**20
                 ) -> SyncReport:
-  """Uploads every file under local_root to destination (gs://BUCKET/PREFIX)."""
+  """Uploads every file under local_root to destination (gs://BUCKET/PREFIX).
+
+  `client`: a google.cloud.storage.Client (default: application-default
+  credentials, or the emulator named by STORAGE_EMULATOR_HOST).
+  """
   location = parse_gcs_path(destination, "destination")
   if chunk_size % (256 * 1024):
     raise ValueError("chunk_size must be a multiple of 256 KiB (a Cloud Storage rule)")
   local_files = list_local(local_root)
-  clients = _PerThreadClient(client_factory)
-  remote = list_remote(clients.get(), location)
+  client = client or default_client()
+  bucket = client.bucket(location.bucket)
+  remote = list_remote(client, location)
   report = SyncReport()
 
   logging.info("upload: %d local files under %s, %d objects under %s; comparing checksums",
                len(local_files), local_root, len(remote), location)
-  jobs = []
+  uploads = []
   for relative, local in local_files.items():
     local_crc = crc32c_of_file(local.path)
     existing = remote.get(relative)
@@ -285,28 +315,43 @@ def upload_tree(local_root: str, destination: str, workers: int = 8,
       logging.warning("%s differs from %s (size %d vs %d, crc32c %s vs %s); re-uploading",
                       relative, existing.name, local.size, existing.size, local_crc,
                       existing.crc32c)
+      try:
+        # Only the generation we compared: a newer one is another run's.
+        bucket.blob(existing.name).delete(if_generation_match=existing.generation)
+      except Exception as e:  # pylint: disable=broad-except
+        _record(report, relative, local.size, e)
+        continue
+    # The client library itself sends a file of up to 8 MiB in one multipart
+    # request and a larger one as a resumable upload, whatever the threshold;
+    # the chunk size decides how much a retry of a resumable upload re-sends.
+    blob = bucket.blob(location.object_name(relative),
+                       chunk_size=chunk_size if local.size > resumable_threshold else None)
+    blob.crc32c = local_crc  # sent as the object's metadata: see the module docstring
+    uploads.append(_Upload(relative, local, local_crc, blob))
 
-    def job(relative=relative, local=local, local_crc=local_crc, existing=existing):
-      upload_file(clients.get(), location, relative, local, local_crc, existing,
-                  resumable_threshold, chunk_size)
-
-    jobs.append((relative, local.size, job))
-
-  _run_parallel("upload", jobs, workers, report)
+  _log_plan("upload", len(uploads), sum(u.local.size for u in uploads), report)
+  if uploads:
+    _upload_all(location, uploads, workers, report)
   return report
 
 
-def download_tree(source: str, local_root: str, workers: int = 8,
-                  client_factory: Callable[[], object] = default_client_factory
-                  ) -> SyncReport:
+def _partial_bytes(path: str, size: int) -> int:
+  try:
+    return min(os.path.getsize(path), size)
+  except OSError:  # not started yet
+    return 0
+
+
+def download_tree(source: str, local_root: str, workers: int = 8, client=None) -> SyncReport:
   """Downloads every object under source (gs://BUCKET/PREFIX) into local_root."""
   location = parse_gcs_path(source, "source")
-  clients = _PerThreadClient(client_factory)
-  remote = list_remote(clients.get(), location)
+  client = client or default_client()
+  bucket = client.bucket(location.bucket)
+  remote = list_remote(client, location)
   if not remote:
     raise ValueError(f"nothing under {location}")
   report = SyncReport()
-  jobs = []
+  downloads = []  # (relative, object, target)
   for relative, obj in sorted(remote.items()):
     target = os.path.join(local_root, *relative.split("/"))
     if os.path.isfile(target):
@@ -314,12 +359,45 @@ def download_tree(source: str, local_root: str, workers: int = 8,
         report.skipped.append(relative)
         continue
       report.replaced.append(relative)
+    downloads.append((relative, obj, target))
 
-    def job(obj=obj, target=target):
-      download_file(clients.get(), location, obj, target)
+  _log_plan("download", len(downloads), sum(obj.size for _, obj, _ in downloads), report)
+  if not downloads:
+    return report
+  for _, _, target in downloads:
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+  transfer_manager = _transfer_manager()
 
-    jobs.append((relative, obj.size, job))
-  _run_parallel("download", jobs, workers, report)
+  def transfer():
+    return transfer_manager.download_many(
+        [(bucket.blob(obj.name, generation=obj.generation), target + PARTIAL_SUFFIX)
+         for _, obj, target in downloads],
+        # We check every file ourselves below, whatever the service sends.
+        download_kwargs={"checksum": None},
+        worker_type=transfer_manager.THREAD, max_workers=workers, raise_exception=False)
+
+  def done():
+    # The temporary files grow as the bytes arrive; a full-size one is done.
+    arrived = [(_partial_bytes(target + PARTIAL_SUFFIX, obj.size), obj.size)
+               for _, obj, target in downloads]
+    return sum(n for n, _ in arrived), sum(1 for n, size in arrived if n == size)
+
+  try:
+    results = _run_with_progress("download", transfer, len(downloads),
+                                 sum(obj.size for _, obj, _ in downloads), done)
+    for (relative, obj, target), result in zip(downloads, results):
+      error = result if isinstance(result, Exception) else None
+      partial = target + PARTIAL_SUFFIX
+      if error is None and not same_content(partial, os.path.getsize(partial), obj):
+        error = VerificationError(f"gs://{location.bucket}/{obj.name}: downloaded bytes "
+                                  "do not match the object's checksum")
+      if error is None:
+        os.replace(partial, target)
+      _record(report, relative, obj.size, error)
+  finally:
+    for _, _, target in downloads:
+      if os.path.exists(target + PARTIAL_SUFFIX):
+        os.remove(target + PARTIAL_SUFFIX)
   return report
 
 
@@ -335,12 +413,11 @@ class VerifyReport:
     return not self.missing and not self.differing
 
 
-def verify_tree(local_root: str, destination: str,
-                client_factory: Callable[[], object] = default_client_factory) -> VerifyReport:
+def verify_tree(local_root: str, destination: str, client=None) -> VerifyReport:
   """Compares a local tree with gs:// by checksum, changing nothing."""
   location = parse_gcs_path(destination, "destination")
   local_files = list_local(local_root)
-  remote = list_remote(client_factory(), location)
+  remote = list_remote(client or default_client(), location)
   report = VerifyReport()
   for relative, local in local_files.items():
     obj = remote.get(relative)

@@ -4,9 +4,11 @@ Pure: no flags, no network, no credentials. `launch.vertex` fills it from
 flags, prints it for --dry_run and submits it otherwise; the tests parse it
 with the real `google.cloud.aiplatform_v1.types.CustomJobSpec`.
 
-Worker pools follow Vertex AI's convention (SPEC.md): pool 0 is the chief
-(exactly one replica), pool 1 the other workers. Vertex then writes a
-TF_CONFIG with task types "chief" and "worker" into every replica, which
+Worker pools follow Vertex AI's convention (its "Distributed training" guide,
+https://cloud.google.com/vertex-ai/docs/training/distributed-training, and
+the README's "Running on Google Cloud"): pool 0 is the chief (exactly one
+replica), pool 1 the other workers. Vertex then writes a TF_CONFIG with task
+types "chief" and "worker" into every replica, which
 `trainer.distribute.parse_tf_config` reads.
 """
 

@@ -30,8 +30,10 @@ from launch import gcs_sync
 FLAGS = flags.FLAGS
 
 flags.DEFINE_integer("workers", 8, "Files transferred at once.")
-flags.DEFINE_integer("resumable_threshold_mb", 8, "Files larger than this use resumable "
-                     "uploads (sent in --chunk_size_mb pieces, each retried on its own).")
+flags.DEFINE_integer("resumable_threshold_mb", 8, "Files larger than this are sent in "
+                     "--chunk_size_mb pieces, each retried on its own. (google-cloud-storage "
+                     "sends files up to 8 MiB in one request and larger ones as resumable "
+                     "uploads, whatever this says.)")
 flags.DEFINE_integer("chunk_size_mb", 16, "Chunk of a resumable upload (MiB).")
 
 USAGE = ("usage: python -m launch.stage upload LOCAL_DIR gs://BUCKET/PREFIX\n"

@@ -31,7 +31,6 @@ from absl import logging
 
 from launch import job_spec
 from launch import machines
-from launch import yaml_text
 
 FLAGS = flags.FLAGS
 
@@ -116,6 +115,47 @@ def default_display_name() -> str:
   return time.strftime("depth2d-%Y%m%d-%H%M%S")
 
 
+def gcloud_yaml(spec: dict) -> str:
+  """The CustomJobSpec as the YAML `gcloud ai custom-jobs create --config` reads.
+
+  Keys stay in the spec's order, and every string value is written
+  double-quoted: PyYAML reads YAML 1.1 and would leave strings such as `1e-4`
+  or `0o17` plain, which a YAML 1.2 reader takes for numbers (a trainer
+  argument must stay the string it was). No anchors or aliases either: both
+  pools share one container dict, and gcloud users should see it twice.
+
+  Raises:
+    RuntimeError: PyYAML (the `cloud` extra) is not installed.
+  """
+  try:
+    import yaml  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise RuntimeError(
+        "the gcloud YAML needs PyYAML: pip install -e \".[cloud]\" "
+        "(or use --dry_run_format=json, which needs nothing more)") from e
+
+  class Dumper(yaml.SafeDumper):
+
+    def ignore_aliases(self, data):
+      return True
+
+    def represent_str(self, data):
+      return self.represent_scalar("tag:yaml.org,2002:str", data, style='"')
+
+    def represent_dict(self, data):
+      node = self.represent_mapping("tag:yaml.org,2002:map", data.items())
+      for key, _ in node.value:
+        # Keys read as themselves plain: PyYAML still quotes one that would
+        # not (e.g. "true"), because it checks how a plain scalar resolves.
+        key.style = None
+      return node
+
+  Dumper.add_representer(str, Dumper.represent_str)
+  Dumper.add_representer(dict, Dumper.represent_dict)
+  return yaml.dump(spec, Dumper=Dumper, sort_keys=False, allow_unicode=True,
+                   default_flow_style=False, width=float("inf"))
+
+
 def dry_run_text(custom_job: dict) -> str:
   """What --dry_run prints: the full CustomJob as JSON, then the gcloud YAML."""
   region = FLAGS.region
@@ -128,7 +168,7 @@ def dry_run_text(custom_job: dict) -> str:
       f"#   gcloud ai custom-jobs create --region={region} "
       f"--display-name={custom_job['displayName']} --config=job.yaml",
       "---",
-      yaml_text.dumps(custom_job["jobSpec"]),
+      gcloud_yaml(custom_job["jobSpec"]),
   ])
 
 
@@ -189,12 +229,17 @@ def main(argv: List[str]) -> int:
         "launch/Dockerfile builds CPU/GPU images only (no TensorFlow 2.21 TPU "
         "wheel exists); for TPUs with this TensorFlow use launch/tpu_vm.sh.")
   if FLAGS.dry_run:
-    if FLAGS.dry_run_format == "json":
-      print(json.dumps(custom_job, indent=2))
-    elif FLAGS.dry_run_format == "yaml":
-      print(yaml_text.dumps(custom_job["jobSpec"]), end="")
-    else:
-      print(dry_run_text(custom_job))
+    try:
+      if FLAGS.dry_run_format == "json":
+        text = json.dumps(custom_job, indent=2) + "\n"
+      elif FLAGS.dry_run_format == "yaml":
+        text = gcloud_yaml(custom_job["jobSpec"])
+      else:
+        text = dry_run_text(custom_job) + "\n"
+    except RuntimeError as e:
+      print(f"launch.vertex: error: {e}", file=sys.stderr)
+      return 2
+    print(text, end="")
     return 0
   try:
     project = FLAGS.project or _default_project()

@@ -44,9 +44,3 @@ def test_no_model_dir_anywhere_names_flag_and_variable():
 def test_root_paths_keep_their_slash():
   assert cloud_env.resolve_output_dirs("/", None, None, environ={}).model_dir == "/"
 
-
-def test_on_vertex():
-  assert cloud_env.on_vertex(VERTEX_ENV)
-  assert cloud_env.on_vertex({"CLOUD_ML_JOB_ID": "1"})
-  assert not cloud_env.on_vertex({})
-  assert not cloud_env.on_vertex({"TF_CONFIG": "{}"})

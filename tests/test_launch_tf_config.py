@@ -126,10 +126,12 @@ def _check_two_workers(cluster, results):
     assert result["describe"]["replicas"] == 2  # one CPU device per worker
 
 
+@pytest.mark.slow
 def test_vertex_tf_config_drives_a_real_multi_worker_strategy():
   """TF's resolver reads the Vertex TF_CONFIG; distribute.is_chief/describe agree."""
   _check_two_workers(*_run_two_workers("tensorflow"))
 
 
+@pytest.mark.slow
 def test_strategy_factory_builds_multi_worker_strategy_from_vertex_tf_config():
   _check_two_workers(*_run_two_workers("factory"))

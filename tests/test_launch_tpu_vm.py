@@ -33,6 +33,7 @@ def run(env, *args):
                         timeout=30)
 
 
+@pytest.mark.slow
 def test_script_parses():
   subprocess.run(["bash", "-n", SCRIPT], check=True)
   with open(SCRIPT) as f:
@@ -44,6 +45,7 @@ def test_script_parses():
     assert flag not in text
 
 
+@pytest.mark.slow
 def test_help_and_no_arguments(fake_gcloud):
   env, log = fake_gcloud
   shown = run(env, "--help")
@@ -53,6 +55,7 @@ def test_help_and_no_arguments(fake_gcloud):
   assert not log.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["launch", "x", "--zone=z"], "unknown command 'launch'"),
     (["create", "--zone=z"], "missing NAME"),
@@ -75,6 +78,7 @@ def test_argument_errors_do_not_call_gcloud(fake_gcloud, args, message):
   assert not log.exists(), log.read_text()
 
 
+@pytest.mark.slow
 def test_train_passes_trainer_args_through_quoted(fake_gcloud):
   env, log = fake_gcloud
   result = run(env, "train", "my-tpu", "--zone=us-west4-a", "--project=p", "--",
@@ -87,6 +91,7 @@ def test_train_passes_trainer_args_through_quoted(fake_gcloud):
   assert "--zone=us-west4-a --project=p" in log.read_text()
 
 
+@pytest.mark.slow
 def test_queued_create_waits_for_active_then_delete(fake_gcloud):
   env, log = fake_gcloud
   created = run(env, "create", "my-tpu", "--zone=us-west4-a", "--accelerator-type=v5litepod-8",
@@ -104,6 +109,7 @@ def test_queued_create_waits_for_active_then_delete(fake_gcloud):
       "compute tpus queued-resources delete my-tpu-qr --force --quiet --zone=us-west4-a"]
 
 
+@pytest.mark.slow
 def test_plain_create_and_delete(fake_gcloud):
   env, log = fake_gcloud
   assert run(env, "create", "t1", "--zone", "europe-west4-a", "--accelerator-type", "v6e-4",

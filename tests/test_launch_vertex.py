@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from google.cloud.aiplatform_v1 import types as vertex_types
 
 from launch import job_spec
 from launch import machines
 from launch import vertex
-from launch import yaml_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = "us-central1-docker.pkg.dev/p/depth2d/trainer:gpu"
@@ -43,6 +43,7 @@ def parse_spec(spec: dict) -> vertex_types.CustomJobSpec:
 
 # --- each path: parses as CustomJobSpec and carries the right pools --------
 
+@pytest.mark.slow
 def test_single_gpu_job():
   job = dry_run_job("--machine_type=g2-standard-8")
   spec = parse_spec(job["jobSpec"])
@@ -59,6 +60,7 @@ def test_single_gpu_job():
   assert job["displayName"].startswith("depth2d-")
 
 
+@pytest.mark.slow
 def test_multi_gpu_job():
   spec = parse_spec(dry_run_job("--machine_type=n1-standard-32",
                                 "--accelerator_type=NVIDIA_TESLA_T4",
@@ -69,6 +71,7 @@ def test_multi_gpu_job():
   assert "--strategy=mirrored" in pool.container_spec.args
 
 
+@pytest.mark.slow
 def test_multi_worker_job_has_chief_and_worker_pools():
   spec = parse_spec(dry_run_job("--machine_type=n1-standard-16",
                                 "--accelerator_type=NVIDIA_TESLA_V100",
@@ -87,6 +90,7 @@ def test_multi_worker_job_has_chief_and_worker_pools():
   assert spec.service_account == "trainer@p.iam.gserviceaccount.com"
 
 
+@pytest.mark.slow
 def test_multi_worker_restart_can_be_turned_off():
   spec = parse_spec(dry_run_job("--machine_type=n1-standard-8",
                                 "--accelerator_type=NVIDIA_TESLA_T4", "--worker_count=1",
@@ -115,11 +119,13 @@ def test_tpu_jobs(machine_type, topology):
                                             "--tpu=local"]
 
 
+@pytest.mark.slow
 def test_tpu_v6e_through_the_cli():
   spec = parse_spec(dry_run_job("--machine_type=ct6e-standard-4t")["jobSpec"])
   assert spec.worker_pool_specs[0].machine_spec.tpu_topology == "2x2"
 
 
+@pytest.mark.slow
 def test_user_strategy_and_trainer_args_pass_through_untouched():
   args = ("--strategy=one_device", "--epochs", "3", "--note=a b: c # d")
   job = dry_run_job("--machine_type=n1-standard-32", "--accelerator_type=NVIDIA_TESLA_T4",
@@ -130,8 +136,8 @@ def test_user_strategy_and_trainer_args_pass_through_untouched():
   assert container["env"] == [{"name": "TF_CPP_MIN_LOG_LEVEL", "value": "1"}]
 
 
+@pytest.mark.slow
 def test_dry_run_yaml_is_the_same_spec():
-  yaml = pytest.importorskip("yaml")  # only to read our YAML back; not a dependency
   rc, out, err = run_launcher("--dry_run", "--dry_run_format=yaml", f"--image_uri={IMAGE}",
                               "--base_output_dir=gs://b/r", "--machine_type=n1-standard-8",
                               "--accelerator_type=NVIDIA_TESLA_T4", "--worker_count=2",
@@ -143,6 +149,7 @@ def test_dry_run_yaml_is_the_same_spec():
                                                                     "--flag"]
 
 
+@pytest.mark.slow
 def test_dry_run_default_prints_json_and_gcloud_yaml():
   rc, out, err = run_launcher("--dry_run", f"--image_uri={IMAGE}", "--base_output_dir=gs://b/r",
                               "--display_name=my-run")
@@ -152,15 +159,44 @@ def test_dry_run_default_prints_json_and_gcloud_yaml():
   assert "\nworkerPoolSpecs:\n" in out
 
 
-def test_yaml_writer_escapes_and_nests():
-  yaml = pytest.importorskip("yaml")
-  data = {"a": [{"b": 1, "c": [True, None, 1.5]}, "x: y", "#", ""], "weird key": {},
-          "e": [], "n": "007", "u": "ü\n\"\\"}
-  assert yaml.safe_load(yaml_text.dumps(data)) == data
+def _scalar_nodes(node, is_key=False):
+  """(scalar node, whether it is a mapping key) for every scalar of a YAML node tree."""
+  if isinstance(node, yaml.MappingNode):
+    for key, value in node.value:
+      yield from _scalar_nodes(key, True)
+      yield from _scalar_nodes(value)
+  elif isinstance(node, yaml.SequenceNode):
+    for item in node.value:
+      yield from _scalar_nodes(item)
+  else:
+    yield node, is_key
+
+
+def test_gcloud_yaml_keeps_strings_strings_and_order():
+  container = {"imageUri": IMAGE, "args": ["1e-4", "0o17", "007", "true", "yes", "null", "",
+                                           "x: y", "#", "ü\n\"\\", ".inf"]}
+  spec = {"workerPoolSpecs": [{"replicaCount": 1, "containerSpec": container},
+                              {"replicaCount": 2, "containerSpec": container}],
+          "scheduling": {"restartJobOnWorkerRestart": True, "timeout": "3600s"}, "true": {}}
+  text = vertex.gcloud_yaml(spec)
+  assert yaml.safe_load(text) == spec
+  assert list(yaml.safe_load(text)) == ["workerPoolSpecs", "scheduling", "true"]
+  assert "&" not in text and "*" not in text  # the shared container is written out twice
+  # Every string value double-quoted, so a YAML 1.2 reader (where 1e-4 and
+  # 0o17 are numbers) reads the same strings.
+  values = [node for node, is_key in _scalar_nodes(yaml.compose(text)) if not is_key]
+  assert {node.style for node in values if node.tag.endswith(":str")} == {'"'}
+
+
+def test_yaml_without_pyyaml_names_the_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now fails
+  with pytest.raises(RuntimeError, match=r'pip install -e "\.\[cloud\]"'):
+    vertex.gcloud_yaml({"workerPoolSpecs": []})
 
 
 # --- bad input: a clear error naming the flag, before anything is sent ----
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag_args,expected", [
     (["--machine_type=n9-mega-1"], "--machine_type='n9-mega-1'"),
     (["--machine_type=n1-standard-8", "--accelerator_type=NVIDIA_TESLA_K9"],
@@ -190,11 +226,13 @@ def test_bad_input_is_rejected_before_sending(flag_args, expected):
   assert "Traceback" not in err and out == ""
 
 
+@pytest.mark.slow
 def test_missing_image_uri_names_the_flag():
   rc, _, err = run_launcher("--dry_run", "--base_output_dir=gs://b/r")
   assert rc == 2 and "--image_uri is required" in err
 
 
+@pytest.mark.slow
 def test_missing_output_location_is_an_error():
   rc, _, err = run_launcher("--dry_run", f"--image_uri={IMAGE}")
   assert rc == 2 and "--base_output_dir" in err

@@ -20,8 +20,6 @@ from typing import Mapping, Optional
 MODEL_DIR_ENV = "AIP_MODEL_DIR"
 CHECKPOINT_DIR_ENV = "AIP_CHECKPOINT_DIR"
 TENSORBOARD_DIR_ENV = "AIP_TENSORBOARD_LOG_DIR"
-# Set by Vertex AI training in every replica, with or without base_output_dir.
-VERTEX_JOB_ID_ENV = "CLOUD_ML_JOB_ID"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +85,3 @@ def resolve_output_dirs(model_dir: Optional[str],
       tensorboard_dir=_strip_trailing_slash(
           _first_set(tensorboard_dir, environ, TENSORBOARD_DIR_ENV)),
   )
-
-
-def on_vertex(environ: Optional[Mapping[str, str]] = None) -> bool:
-  """Whether this process runs inside a Vertex AI custom job."""
-  environ = os.environ if environ is None else environ
-  return bool(environ.get(VERTEX_JOB_ID_ENV) or environ.get(MODEL_DIR_ENV))
