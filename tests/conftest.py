@@ -4,7 +4,14 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep test logs readable
 
+import zipfile
+
 import pytest
+import tensorflow_datasets as tfds
+
+import tfds_record3d  # pylint: disable=unused-import  # registers record3d
+from tfds_record3d import synthetic
+from tfds_record3d import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,11 +27,6 @@ def build_tiny_pairs_dataset(root) -> tuple:
 
   Returns (data_dir, manual_dir). 6 sequences of 4 frames: every split non-empty.
   """
-  import tensorflow_datasets as tfds
-  import tfds_record3d  # pylint: disable=unused-import  # registers record3d
-  from tfds_record3d import synthetic
-  from tfds_record3d import writers
-
   manual_dir = os.path.join(root, "manual")
   for index in range(TINY_SEQUENCES):
     examples = synthetic.render_sequence(seed=100 + index, num_frames=TINY_FRAMES,
@@ -72,3 +74,66 @@ def subprocess_env():
     values.update(extra)
     return values
   return env
+
+
+# ---------------------------------------------------------------------------
+# Manual input folders for the dataset's bad-input tests (fixture `bad_input`).
+# ---------------------------------------------------------------------------
+IMAGE_SIZE, DEPTH_SIZE = (40, 30), (16, 12)  # tiny frames of the bad-input tests
+
+
+def _frames(seed, n=3):
+  return list(synthetic.render_sequence(seed, n, IMAGE_SIZE, DEPTH_SIZE))
+
+
+def _pairs_dir(root, sequences=3):
+  for i in range(sequences):
+    writers.write_pairs_sequence(root / f"seq{i}", _frames(10 + i))
+  return root
+
+
+def _r3d_dir(root, sequences=3):
+  root.mkdir(parents=True, exist_ok=True)
+  for i in range(sequences):
+    writers.write_r3d(root / f"cap{i}.r3d", _frames(20 + i))
+  return root
+
+
+def _build(config, manual_dir, data_dir, mode=None):
+  builder = tfds.builder(f"record3d/{config}", data_dir=str(data_dir))
+  kwargs = {"download_mode": mode} if mode else {}
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(manual_dir), **kwargs))
+  return builder
+
+
+def _expect_error(config, manual_dir, data_dir, *fragments):
+  with pytest.raises(tfds_record3d.ManualInputError) as error:
+    _build(config, manual_dir, data_dir)
+  message = str(error.value)
+  for fragment in fragments:
+    assert str(fragment) in message, message
+  assert not (data_dir / "record3d").exists(), "nothing may be written on bad input"
+  return error.value
+
+
+def _rewrite_zip(path, replace=None, drop=()):
+  """Rewrites a ZIP with some entries replaced (name -> bytes) or dropped."""
+  replace = replace or {}
+  with zipfile.ZipFile(path) as archive:
+    entries = {n: archive.read(n) for n in archive.namelist() if n not in drop}
+  entries.update(replace)
+  with zipfile.ZipFile(path, "w") as archive:
+    for name, data in entries.items():
+      archive.writestr(name, data)
+
+
+
+
+@pytest.fixture
+def bad_input():
+  """Helpers that write tiny manual folders and build them (record3d bad-input tests)."""
+  import types
+  return types.SimpleNamespace(
+      IMAGE_SIZE=IMAGE_SIZE, DEPTH_SIZE=DEPTH_SIZE, frames=_frames, pairs_dir=_pairs_dir,
+      r3d_dir=_r3d_dir, build=_build, expect_error=_expect_error, rewrite_zip=_rewrite_zip)

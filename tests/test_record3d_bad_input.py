@@ -1,7 +1,5 @@
 """Bad manual input: one error listing every offending file, nothing written."""
 
-import zipfile
-
 import lzfse
 import numpy as np
 import pytest
@@ -9,137 +7,87 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import tfds_record3d  # registers record3d
-from tfds_record3d import synthetic
 from tfds_record3d import writers
 
-IMAGE_SIZE, DEPTH_SIZE = (40, 30), (16, 12)
-
-
-def _frames(seed, n=3):
-  return list(synthetic.render_sequence(seed, n, IMAGE_SIZE, DEPTH_SIZE))
-
-
-def _pairs_dir(root, sequences=3):
-  for i in range(sequences):
-    writers.write_pairs_sequence(root / f"seq{i}", _frames(10 + i))
-  return root
-
-
-def _r3d_dir(root, sequences=3):
-  root.mkdir(parents=True, exist_ok=True)
-  for i in range(sequences):
-    writers.write_r3d(root / f"cap{i}.r3d", _frames(20 + i))
-  return root
-
-
-def _build(config, manual_dir, data_dir, mode=None):
-  builder = tfds.builder(f"record3d/{config}", data_dir=str(data_dir))
-  kwargs = {"download_mode": mode} if mode else {}
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), **kwargs))
-  return builder
-
-
-def _expect_error(config, manual_dir, data_dir, *fragments):
-  with pytest.raises(tfds_record3d.ManualInputError) as error:
-    _build(config, manual_dir, data_dir)
-  message = str(error.value)
-  for fragment in fragments:
-    assert str(fragment) in message, message
-  assert not (data_dir / "record3d").exists(), "nothing may be written on bad input"
-  return error.value
-
-
-def _rewrite_zip(path, replace=None, drop=()):
-  """Rewrites a ZIP with some entries replaced (name -> bytes) or dropped."""
-  replace = replace or {}
-  with zipfile.ZipFile(path) as archive:
-    entries = {n: archive.read(n) for n in archive.namelist() if n not in drop}
-  entries.update(replace)
-  with zipfile.ZipFile(path, "w") as archive:
-    for name, data in entries.items():
-      archive.writestr(name, data)
-
-
-def test_pairs_missing_partner(tmp_path):
-  manual = _pairs_dir(tmp_path / "m")
+def test_pairs_missing_partner(tmp_path, bad_input):
+  manual = bad_input.pairs_dir(tmp_path / "m")
   (manual / "seq1/depth/000001.png").unlink()
-  _expect_error("pairs", manual, tmp_path / "d", manual / "seq1/rgb/000001.jpg", "missing partner")
+  bad_input.expect_error("pairs", manual, tmp_path / "d", manual / "seq1/rgb/000001.jpg", "missing partner")
 
 
-def test_pairs_truncated_image(tmp_path):
-  manual = _pairs_dir(tmp_path / "m")
+def test_pairs_truncated_image(tmp_path, bad_input):
+  manual = bad_input.pairs_dir(tmp_path / "m")
   jpg = manual / "seq0/rgb/000002.jpg"
   jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 3])
-  _expect_error("pairs", manual, tmp_path / "d", jpg, "truncated")
+  bad_input.expect_error("pairs", manual, tmp_path / "d", jpg, "truncated")
 
 
-def test_pairs_8bit_png_depth_is_wrong_dtype(tmp_path):
-  manual = _pairs_dir(tmp_path / "m")
+def test_pairs_8bit_png_depth_is_wrong_dtype(tmp_path, bad_input):
+  manual = bad_input.pairs_dir(tmp_path / "m")
   png = manual / "seq2/depth/000000.png"
-  Image.fromarray(np.zeros(DEPTH_SIZE, np.uint8)).save(png)
-  _expect_error("pairs", manual, tmp_path / "d", png, "16-bit")
+  Image.fromarray(np.zeros(bad_input.DEPTH_SIZE, np.uint8)).save(png)
+  bad_input.expect_error("pairs", manual, tmp_path / "d", png, "16-bit")
 
 
-def test_pairs_float64_npy_depth_is_wrong_dtype(tmp_path):
+def test_pairs_float64_npy_depth_is_wrong_dtype(tmp_path, bad_input):
   manual = tmp_path / "m"
   for i in range(3):
-    writers.write_pairs_sequence(manual / f"s{i}", _frames(30 + i), depth_suffix=".npy")
+    writers.write_pairs_sequence(manual / f"s{i}", bad_input.frames(30 + i), depth_suffix=".npy")
   npy = manual / "s1/depth/000001.npy"
-  np.save(npy, np.ones(DEPTH_SIZE, np.float64))
-  _expect_error("pairs", manual, tmp_path / "d", npy, "float64")
+  np.save(npy, np.ones(bad_input.DEPTH_SIZE, np.float64))
+  bad_input.expect_error("pairs", manual, tmp_path / "d", npy, "float64")
 
 
-def test_pairs_aspect_ratio_mismatch(tmp_path):
-  manual = _pairs_dir(tmp_path / "m")
+def test_pairs_aspect_ratio_mismatch(tmp_path, bad_input):
+  manual = bad_input.pairs_dir(tmp_path / "m")
   Image.fromarray(np.full((16, 16), 1000, np.uint16)).save(manual / "seq0/depth/000001.png")
-  _expect_error("pairs", manual, tmp_path / "d", manual / "seq0/rgb/000001.jpg", "aspect ratio")
+  bad_input.expect_error("pairs", manual, tmp_path / "d", manual / "seq0/rgb/000001.jpg", "aspect ratio")
 
 
 @pytest.mark.parametrize("config", ["pairs", "r3d"])
-def test_empty_and_absent_manual_dir(tmp_path, config):
+def test_empty_and_absent_manual_dir(tmp_path, config, bad_input):
   empty = tmp_path / "empty"
   empty.mkdir()
-  _expect_error(config, empty, tmp_path / "d", empty, "empty")
+  bad_input.expect_error(config, empty, tmp_path / "d", empty, "empty")
   absent = tmp_path / "absent"
-  _expect_error(config, absent, tmp_path / "d", absent, "does not exist")
+  bad_input.expect_error(config, absent, tmp_path / "d", absent, "does not exist")
 
 
-def test_r3d_without_metadata(tmp_path):
-  manual = _r3d_dir(tmp_path / "m", sequences=2)
-  writers.write_r3d(manual / "broken.r3d", _frames(40), write_metadata=False)
-  _expect_error("r3d", manual, tmp_path / "d", manual / "broken.r3d", "metadata")
+def test_r3d_without_metadata(tmp_path, bad_input):
+  manual = bad_input.r3d_dir(tmp_path / "m", sequences=2)
+  writers.write_r3d(manual / "broken.r3d", bad_input.frames(40), write_metadata=False)
+  bad_input.expect_error("r3d", manual, tmp_path / "d", manual / "broken.r3d", "metadata")
 
 
-def test_r3d_depth_with_wrong_byte_length_and_missing_partner(tmp_path):
-  manual = _r3d_dir(tmp_path / "m")
-  short = np.zeros(DEPTH_SIZE[0] * DEPTH_SIZE[1] - 5, "<f4").tobytes()
-  _rewrite_zip(manual / "cap0.r3d", replace={"rgbd/1.depth": lzfse.compress(short)})
-  _rewrite_zip(manual / "cap2.r3d", drop=("rgbd/2.jpg",))
-  error = _expect_error(
+def test_r3d_depth_with_wrong_byte_length_and_missing_partner(tmp_path, bad_input):
+  manual = bad_input.r3d_dir(tmp_path / "m")
+  short = np.zeros(bad_input.DEPTH_SIZE[0] * bad_input.DEPTH_SIZE[1] - 5, "<f4").tobytes()
+  bad_input.rewrite_zip(manual / "cap0.r3d", replace={"rgbd/1.depth": lzfse.compress(short)})
+  bad_input.rewrite_zip(manual / "cap2.r3d", drop=("rgbd/2.jpg",))
+  error = bad_input.expect_error(
       "r3d", manual, tmp_path / "d",
       f"{manual / 'cap0.r3d'}:rgbd/1.depth", "expected 768",
       f"{manual / 'cap2.r3d'}:rgbd/2.depth", "missing partner")
   assert len(error.problems) == 2
 
 
-def test_all_problems_are_reported_at_once(tmp_path):
-  manual = _pairs_dir(tmp_path / "m")
+def test_all_problems_are_reported_at_once(tmp_path, bad_input):
+  manual = bad_input.pairs_dir(tmp_path / "m")
   (manual / "seq0/depth/000000.png").unlink()
   (manual / "seq2/rgb/000001.jpg").write_bytes(b"not a jpeg")
-  error = _expect_error("pairs", manual, tmp_path / "d",
+  error = bad_input.expect_error("pairs", manual, tmp_path / "d",
                         manual / "seq0/rgb/000000.jpg", manual / "seq2/rgb/000001.jpg")
   assert len(error.problems) == 2
 
 
-def test_failed_rebuild_keeps_prepared_dataset(tmp_path):
-  manual, data_dir = _pairs_dir(tmp_path / "m"), tmp_path / "d"
-  _build("pairs", manual, data_dir)
+def test_failed_rebuild_keeps_prepared_dataset(tmp_path, bad_input):
+  manual, data_dir = bad_input.pairs_dir(tmp_path / "m"), tmp_path / "d"
+  bad_input.build("pairs", manual, data_dir)
   before = sorted((data_dir / "record3d").rglob("*"))
   (manual / "seq1/depth/000002.png").write_bytes(b"garbage")
   with pytest.raises(tfds_record3d.ManualInputError, match="000002.png"):
     # Overwriting would make TFDS delete the prepared copy before generating.
-    _build("pairs", manual, data_dir, mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD)
+    bad_input.build("pairs", manual, data_dir, mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD)
   assert sorted((data_dir / "record3d").rglob("*")) == before
   examples = tfds.load("record3d/pairs", data_dir=str(data_dir), split="all")
   assert len(list(examples)) == 9

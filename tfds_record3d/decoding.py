@@ -6,27 +6,43 @@ import io
 
 import numpy as np
 from PIL import Image
+from PIL import UnidentifiedImageError
 
 # Raw uint16 depth value that sensors and exporters use for "saturated".
 UINT16_SATURATED = 65535
+# Valid Record3D confidence levels: 0 low, 1 medium, 2 high.
+CONFIDENCE_LEVELS = (0, 1, 2)
 
 
 class DecodeError(ValueError):
   """A file could not be decoded; the message says why (no path: callers add it)."""
 
 
+def open_image(data: bytes, what: str = "image") -> Image.Image:
+  """Fully decoded PIL image. Raises DecodeError naming the cause.
+
+  PIL's own message for an empty or unknown file names a BytesIO object
+  ("cannot identify image file <_io.BytesIO object at 0x...>"), which tells
+  the user nothing: say "empty" or "not a JPEG or PNG" instead.
+  """
+  if not data:
+    raise DecodeError(f"empty {what} file (0 bytes)")
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()  # Forces a full decode: truncated files fail here.
+    return image
+  except UnidentifiedImageError as e:
+    raise DecodeError(f"not a JPEG or PNG {what} ({len(data)} bytes of another format)") from e
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError...
+    raise DecodeError(f"unreadable or truncated {what} ({e})") from e
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
   """JPEG/PNG bytes -> uint8 (H, W, 3). Raises DecodeError if unreadable or truncated."""
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      image.load()  # Forces a full decode: truncated files fail here.
-      if image.mode not in ("RGB", "RGBA", "L", "P"):
-        raise DecodeError(f"unsupported image mode {image.mode!r}, expected RGB")
-      return np.asarray(image.convert("RGB"), dtype=np.uint8)
-  except DecodeError:
-    raise
-  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError...
-    raise DecodeError(f"unreadable or truncated image ({e})") from e
+  with open_image(data) as image:
+    if image.mode not in ("RGB", "RGBA", "L", "P"):
+      raise DecodeError(f"unsupported image mode {image.mode!r}, expected RGB")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -45,3 +61,16 @@ def depth_from_uint16(raw: np.ndarray, units_per_meter: float) -> np.ndarray:
   raw = np.asarray(raw)
   valid = (raw > 0) & (raw < UINT16_SATURATED)
   return np.where(valid, raw.astype(np.float32) / np.float32(units_per_meter), 0.0).astype(np.float32)
+
+
+def check_confidence(confidence: np.ndarray) -> np.ndarray:
+  """Returns `confidence` if every value is 0, 1 or 2; else raises DecodeError.
+
+  Anything else is a mask in another convention (e.g. 0/255), which would
+  otherwise pass silently as "high" everywhere downstream.
+  """
+  bad = np.setdiff1d(np.unique(confidence), CONFIDENCE_LEVELS)
+  if bad.size:
+    shown = ", ".join(str(int(v)) for v in bad[:5]) + (", ..." if bad.size > 5 else "")
+    raise DecodeError(f"confidence values must be 0, 1 or 2 (low, medium, high), found {shown}")
+  return confidence

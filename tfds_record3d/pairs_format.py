@@ -39,9 +39,9 @@ import numpy as np
 import OpenEXR
 from absl import logging
 from etils import epath
-from PIL import Image
 
 from tfds_record3d import decoding
+from tfds_record3d import depth_checks
 from tfds_record3d.frame_example import frame_example
 from tfds_record3d import intrinsics as intrinsics_lib
 from tfds_record3d.validation import Problem
@@ -75,6 +75,7 @@ class PairsSequence:
   # K (3, 3) as given and the (H, W) it refers to; None -> documented default.
   intrinsics: np.ndarray | None
   intrinsics_size: tuple[int, int] | None
+  valid_pixels: tuple[int, ...]  # valid depth pixels per frame (split checks)
 
   def intrinsics_for(self, image_size: tuple[int, int]) -> np.ndarray:
     if self.intrinsics is None:
@@ -98,14 +99,12 @@ def read_depth(path: epath.Path, depth_scale: float = DEFAULT_DEPTH_SCALE) -> np
   """Depth file -> float32 (H_d, W_d) meters, 0 = invalid. Raises DecodeError."""
   suffix = path.suffix.lower()
   data = path.read_bytes()
+  if not data:
+    raise decoding.DecodeError("empty depth file (0 bytes)")
   if suffix == ".png":
-    try:
-      with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        mode = image.mode
-        raw = np.asarray(image)
-    except Exception as e:
-      raise decoding.DecodeError(f"unreadable or truncated depth PNG ({e})") from e
+    with decoding.open_image(data, "depth PNG") as image:
+      mode = image.mode
+      raw = np.asarray(image)
     if mode not in ("I;16", "I;16B", "I;16L", "I") or raw.ndim != 2:
       raise decoding.DecodeError(
           f"depth PNG must be single-channel 16-bit, got mode {mode!r} "
@@ -136,20 +135,21 @@ def read_depth(path: epath.Path, depth_scale: float = DEFAULT_DEPTH_SCALE) -> np
 
 
 def read_confidence(path: epath.Path) -> np.ndarray:
-  """Confidence file (.png 8-bit or .npy uint8) -> uint8 (H_d, W_d)."""
+  """Confidence file (.png 8-bit or .npy uint8) -> uint8 (H_d, W_d) of 0/1/2."""
   data = path.read_bytes()
-  try:
-    if path.suffix.lower() == ".npy":
+  if path.suffix.lower() == ".npy":
+    if not data:
+      raise decoding.DecodeError("empty confidence file (0 bytes)")
+    try:
       array = np.load(io.BytesIO(data), allow_pickle=False)
-    else:
-      with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        array = np.asarray(image)
-  except Exception as e:
-    raise decoding.DecodeError(f"unreadable confidence file ({e})") from e
+    except Exception as e:
+      raise decoding.DecodeError(f"unreadable confidence file ({e})") from e
+  else:
+    with decoding.open_image(data, "confidence PNG") as image:
+      array = np.asarray(image)
   if array.dtype != np.uint8 or array.ndim != 2:
     raise decoding.DecodeError(f"confidence must be uint8 (H, W), got {array.dtype} {array.shape}")
-  return array
+  return decoding.check_confidence(array)
 
 
 def _natural_key(stem: str):
@@ -158,9 +158,20 @@ def _natural_key(stem: str):
           for part in re.split(r"(\d+)", stem) if part]
 
 
-def _files_by_stem(folder: epath.Path, suffixes) -> dict[str, epath.Path]:
-  return {p.stem: p for p in folder.iterdir()
-          if p.suffix.lower() in suffixes and not p.name.startswith(".")}
+def _files_by_stem(folder: epath.Path, suffixes, problems) -> dict[str, epath.Path]:
+  """stem -> file; two files with one stem (000001.jpg and 000001.png) are a
+  Problem each: which one is the frame cannot be guessed. (The first one
+  stays in the map, so its partner is not reported missing as well.)"""
+  by_stem: dict[str, list[epath.Path]] = {}
+  for p in sorted(folder.iterdir()):
+    if p.suffix.lower() in suffixes and not p.name.startswith("."):
+      by_stem.setdefault(p.stem, []).append(p)
+  for stem, paths in by_stem.items():
+    if len(paths) > 1:
+      others = ", ".join(p.name for p in paths)
+      problems += [Problem(str(p), f"several files share the stem '{stem}' ({others}): "
+                           "keep one per frame") for p in paths]
+  return {stem: paths[0] for stem, paths in by_stem.items()}
 
 
 def _find_dir(folder: epath.Path, candidates) -> epath.Path | None:
@@ -252,15 +263,17 @@ def _scan_sequence(name, folder, manual_dir, problems) -> PairsSequence | None:
     problems.append(Problem(str(folder / MANIFEST_NAME), f"invalid manifest ({e})"))
     return None
 
-  rgb = _files_by_stem(rgb_dir, RGB_SUFFIXES)
-  depth = _files_by_stem(depth_dir, DEPTH_SUFFIXES)
+  rgb = _files_by_stem(rgb_dir, RGB_SUFFIXES, problems)
+  depth = _files_by_stem(depth_dir, DEPTH_SUFFIXES, problems)
   if not rgb and not depth:
-    problems.append(Problem(str(rgb_dir), "no RGB or depth files"))
+    if len(problems) == start:
+      problems.append(Problem(str(rgb_dir), "no RGB or depth files"))
     return None
   confidence_dir = folder / CONFIDENCE_DIR
-  confidence = _files_by_stem(confidence_dir, CONFIDENCE_SUFFIXES) if confidence_dir.is_dir() else {}
+  confidence = (_files_by_stem(confidence_dir, CONFIDENCE_SUFFIXES, problems)
+                if confidence_dir.is_dir() else {})
 
-  frames = []
+  frames, frame_depths = [], []
   for position, (stem, rgb_path, depth_path) in enumerate(
       _pair(rgb, depth, manifest.get("pair_by", "stem"), rgb_dir, depth_dir, problems)):
     try:
@@ -269,7 +282,9 @@ def _scan_sequence(name, folder, manual_dir, problems) -> PairsSequence | None:
       problems.append(Problem(str(rgb_path), str(e)))
       image_size = None
     try:
-      depth_shape = read_depth(depth_path, depth_scale).shape
+      depth_m = read_depth(depth_path, depth_scale)
+      depth_shape = depth_m.shape
+      frame_depths.append(depth_checks.summarize(depth_m))
     except decoding.DecodeError as e:
       problems.append(Problem(str(depth_path), str(e)))
       depth_shape = None
@@ -288,11 +303,26 @@ def _scan_sequence(name, folder, manual_dir, problems) -> PairsSequence | None:
         problems.append(Problem(str(confidence_path), str(e)))
     frame_number = int(stem) if stem.isdigit() else position
     frames.append(PairsFrame(frame_number, rgb_path, depth_path, confidence_path))
-  if len(problems) > start or not frames:
-    if not frames and len(problems) == start:
+  if len(problems) == start:
+    if not frames:
       problems.append(Problem(str(folder), "no RGB/depth pairs"))
+    elif (problem := depth_checks.no_valid_depth(str(folder), frame_depths)) is not None:
+      problems.append(problem)
+  if len(problems) > start:
     return None
-  return PairsSequence(name, folder, tuple(frames), depth_scale, k, k_size)
+  warning = depth_checks.scale_warning(name, frame_depths, _scale_fix(folder, frames, depth_scale))
+  if warning:
+    logging.warning("%s", warning)
+  return PairsSequence(name, folder, tuple(frames), depth_scale, k, k_size,
+                       tuple(f.valid_pixels for f in frame_depths))
+
+
+def _scale_fix(folder: epath.Path, frames, depth_scale: float) -> str:
+  """What to change when the depth scale looks wrong (only PNG depth has one)."""
+  if any(f.depth.suffix.lower() == ".png" for f in frames):
+    return (f"set \"depth_scale\" (units per meter, now {depth_scale:g}) in "
+            f"{folder / MANIFEST_NAME}, e.g. 5000 for TUM RGB-D, 1000 for millimeters")
+  return "its .npy / .exr depth must be in meters"
 
 
 def _is_sequence_folder(folder: epath.Path) -> bool:

@@ -25,6 +25,7 @@ from absl import logging
 from etils import epath
 
 from tfds_record3d import decoding
+from tfds_record3d import depth_checks
 from tfds_record3d.frame_example import frame_example
 from tfds_record3d import intrinsics as intrinsics_lib
 from tfds_record3d.validation import Problem
@@ -41,6 +42,7 @@ class R3dSequence:
   metadata: dict
   frames: tuple[int, ...]  # Frame indices i with both rgbd/{i}.jpg and .depth.
   has_confidence: tuple[bool, ...]  # Per frame.
+  valid_pixels: tuple[int, ...]  # Valid depth pixels per frame (split checks).
 
   @property
   def name(self) -> str:
@@ -107,12 +109,16 @@ def _decode_confidence(data: bytes, size: tuple[int, int]) -> np.ndarray:
     raise decoding.DecodeError(
         f"confidence decompresses to {len(raw)} bytes, expected {expected} "
         f"(uint8 {size[0]}x{size[1]} from metadata dh x dw)")
-  return np.frombuffer(raw, dtype=np.uint8).reshape(size).copy()
+  return decoding.check_confidence(np.frombuffer(raw, dtype=np.uint8).reshape(size).copy())
 
 
 def _scan_file(path: epath.Path, problems: list[Problem]) -> R3dSequence | None:
   """Validates one .r3d completely (decodes every frame); appends problems."""
   start = len(problems)
+  size = path.stat().length
+  if not size:
+    problems.append(Problem(str(path), "empty file (0 bytes): export it again from Record3D"))
+    return None
   try:
     with path.open("rb") as f, zipfile.ZipFile(f) as archive:
       names = set(archive.namelist())
@@ -140,7 +146,7 @@ def _scan_file(path: epath.Path, problems: list[Problem]) -> R3dSequence | None:
         problems.append(Problem(str(path), "no frames (rgbd/{i}.jpg + rgbd/{i}.depth)"))
         return None
 
-      frames, has_confidence = [], []
+      frames, has_confidence, frame_depths = [], [], []
       for frame in sorted(parts):
         kinds = parts[frame]
         for needed, partner in (("jpg", "depth"), ("depth", "jpg")):
@@ -160,7 +166,8 @@ def _scan_file(path: epath.Path, problems: list[Problem]) -> R3dSequence | None:
         except decoding.DecodeError as e:
           problems.append(Problem(f"{entry}.jpg", str(e)))
         try:
-          _decode_depth(archive.read(f"rgbd/{frame}.depth"), depth_size)
+          frame_depths.append(depth_checks.summarize(
+              _decode_depth(archive.read(f"rgbd/{frame}.depth"), depth_size)))
         except decoding.DecodeError as e:
           problems.append(Problem(f"{entry}.depth", str(e)))
         if "conf" in kinds:
@@ -170,12 +177,26 @@ def _scan_file(path: epath.Path, problems: list[Problem]) -> R3dSequence | None:
             problems.append(Problem(f"{entry}.conf", str(e)))
         frames.append(frame)
         has_confidence.append("conf" in kinds)
-  except (zipfile.BadZipFile, OSError, EOFError) as e:
-    problems.append(Problem(str(path), f"not a readable ZIP/.r3d file ({e})"))
+  except zipfile.BadZipFile:
+    # A copy cut short loses the ZIP directory, which sits at the end.
+    problems.append(Problem(str(path), f"truncated or not a zip ({size} bytes, no complete ZIP "
+                            "directory): copy or export the .r3d again"))
     return None
+  except (OSError, EOFError) as e:
+    problems.append(Problem(str(path), f"truncated or unreadable .r3d ({e})"))
+    return None
+  if len(problems) == start:
+    problem = depth_checks.no_valid_depth(str(path), frame_depths)
+    if problem is not None:
+      problems.append(problem)
   if len(problems) > start:
     return None
-  return R3dSequence(path, metadata, tuple(frames), tuple(has_confidence))
+  warning = depth_checks.scale_warning(
+      path.stem, frame_depths, "an .r3d stores meters: is this a Record3D export?")
+  if warning:
+    logging.warning("%s", warning)
+  return R3dSequence(path, metadata, tuple(frames), tuple(has_confidence),
+                     tuple(f.valid_pixels for f in frame_depths))
 
 
 def scan(manual_dir: epath.Path) -> tuple[list[R3dSequence], list[Problem]]:

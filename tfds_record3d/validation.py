@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable
 
+from absl import app
 from etils import epath
 
 
@@ -22,14 +23,21 @@ class Problem:
     return f"{self.path}: {self.reason}"
 
 
-class ManualInputError(ValueError):
-  """The manual input cannot be built; `problems` lists every reason."""
+class ManualInputError(ValueError, app.UsageError):
+  """The manual input cannot be built; `problems` lists every reason.
+
+  Also an absl `UsageError`: a program run by `absl.app.run` (the `tfds`
+  command line, the trainer) then prints the message after a short usage
+  line instead of a ~25-line traceback, and exits with status 1. The user's
+  input is at fault, not the code, so the traceback would only hide the list.
+  """
 
   def __init__(self, manual_dir, problems: Iterable[Problem], instructions: str = ""):
     self.problems = list(problems)
+    self.exitcode = 1  # UsageError's; ValueError.__init__ does not set it.
     lines = [
         f"Cannot build record3d from {manual_dir}: {len(self.problems)} problem(s), "
-        "nothing was written:"
+        "nothing was written (a dataset already prepared in data_dir is kept):"
     ]
     lines += [f"  - {problem}" for problem in self.problems]
     if instructions:

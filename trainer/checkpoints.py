@@ -1,6 +1,10 @@
 """Checkpoints of a stage: restore or explain, start one network from another,
 and save on preemption.
 
+- `restore_newest_readable`: resume from the newest checkpoint that reads; a
+  truncated or corrupt one is named in a warning and the one before it is
+  used (with the steps that will be redone); if checkpoints exist but none
+  reads, stop rather than silently start from scratch.
 - `restore_or_explain`: a checkpoint that does not fit the model is an error
   that says which flags likely differ, not a bare shape mismatch.
 - `init_finetune_from_rough` / `restore_gradient_network`: the finetune stage
@@ -13,14 +17,16 @@ and save on preemption.
 
 from __future__ import annotations
 
+import re
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, List, Optional
 
 from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import errors
 from trainer import models
 from trainer import workdir
 
@@ -31,43 +37,108 @@ if TYPE_CHECKING:
 FINETUNE_INITS = ("rough", "scratch")
 
 
+# What reading a truncated or corrupt checkpoint raises (a truncated data file:
+# IndexError "Read less bytes than requested"; a damaged index: OpError).
+_UNREADABLE = (IndexError, EOFError, OSError, tf.errors.OpError)
+# What a checkpoint of another model raises (shapes, missing objects).
+_MISMATCHED = (AssertionError, ValueError)
+_STEP = re.compile(r"ckpt-(\d+)$")
+
+
+class UnreadableCheckpointError(Exception):
+  """One checkpoint cannot be read (truncated, corrupt, missing files)."""
+
+
 def restore_or_explain(checkpoint: tf.train.Checkpoint, path: str, config: "Config",
                        model_only: bool = False) -> None:
-  """Restores, or says which flags likely differ from the run that wrote `path`.
+  """Restores `path`, or says why not.
 
-  `model_only`: the checkpoint also holds optimizer state this caller does not
-  want (eval, export); say so instead of warning about every slot.
+  Raises UnreadableCheckpointError when the files cannot be read, and
+  errors.CheckpointError naming the flags that likely differ when they can but
+  do not fit the model. `model_only`: the checkpoint also holds optimizer state
+  this caller does not want (eval, export); say so instead of warning about
+  every slot.
   """
   try:
     status = checkpoint.restore(path)
     if model_only:
       status = status.expect_partial()
     status.assert_existing_objects_matched()
-  except (AssertionError, ValueError, tf.errors.OpError) as e:
-    raise ValueError(
+  except _UNREADABLE as e:
+    raise UnreadableCheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+  except _MISMATCHED as e:
+    raise errors.CheckpointError(
         f"cannot resume from {path}: it does not match this model ({e}). Was it written "
         f"with another --architecture or --image_size than {config.architecture} "
         f"{config.image_size}? Use a fresh --model_dir for a different model.") from e
 
 
-def latest_step(path: str) -> int:
+def checkpoint_step(path: str) -> int:
   """The step a checkpoint path `.../ckpt-<step>` was saved at."""
-  return int(path.rsplit("-", 1)[-1])
+  return int(_STEP.search(path).group(1))
+
+
+def checkpoint_paths(directory: str) -> List[str]:
+  """Every checkpoint in `directory`, newest first: those the `checkpoint` state
+  file lists and those whose index file is there (the state file can be damaged too)."""
+  paths = set()
+  try:
+    state = tf.train.get_checkpoint_state(directory)
+    if state is not None:
+      paths.update(p if "/" in p else f"{directory}/{p}" for p in state.all_model_checkpoint_paths)
+  except _UNREADABLE + (ValueError,) as e:  # a damaged state file
+    logging.warning("%s/checkpoint cannot be read (%s); looking for checkpoint files instead",
+                    directory, e)
+  for index in tf.io.gfile.glob(f"{directory}/ckpt-*.index"):
+    paths.add(index[:-len(".index")])
+  return sorted((p for p in paths if _STEP.search(p)), key=checkpoint_step, reverse=True)
+
+
+def restore_newest_readable(checkpoint: tf.train.Checkpoint, directory: str, config: "Config",
+                            model_only: bool = False) -> Optional[str]:
+  """Restores the newest checkpoint of `directory` that reads; returns its path.
+
+  None when the directory holds no checkpoint. A checkpoint that cannot be
+  read is named in a warning and the previous one is tried; when none reads,
+  errors.CheckpointError: starting from scratch would silently throw the
+  training away.
+  """
+  paths = checkpoint_paths(directory)
+  broken = []
+  for path in paths:
+    try:
+      restore_or_explain(checkpoint, path, config, model_only)
+    except UnreadableCheckpointError as e:
+      logging.warning("%s; trying the checkpoint before it", e)
+      broken.append(path)
+      continue
+    if broken:
+      logging.warning(
+          "fell back to %s (step %d), the newest readable checkpoint of %s: steps %d..%d "
+          "will be redone (unreadable: %s)", path, checkpoint_step(path), directory,
+          checkpoint_step(path) + 1, checkpoint_step(broken[0]), ", ".join(broken))
+    return path
+  if broken:
+    raise errors.CheckpointError(
+        f"{directory} holds {len(broken)} checkpoint(s) and none can be read "
+        f"({', '.join(broken)}); refusing to start from scratch over them. Move them away "
+        "(or pass a fresh --model_dir) to train anew.")
+  return None
 
 
 def init_finetune_from_rough(config: "Config", strategy: tf.distribute.Strategy,
                              model: keras.Model) -> None:
   """A fresh finetune run starts from the rough stage's latest checkpoint."""
   directory = workdir.checkpoint_dir(config, "rough")
-  latest = tf.train.latest_checkpoint(directory)
-  if latest is None:
-    raise FileNotFoundError(
-        f"--finetune_init=rough starts the finetune net from the trained rough net, but "
-        f"{directory} has no checkpoint. Run --stage=rough first with the same --model_dir "
-        "(--stage=all does), or pass --finetune_init=scratch.")
   with strategy.scope():
     rough = models.build_network("rough", config.architecture, config.image_size)
-    restore_or_explain(tf.train.Checkpoint(model=rough), latest, config, model_only=True)
+    latest = restore_newest_readable(tf.train.Checkpoint(model=rough), directory, config,
+                                     model_only=True)
+    if latest is None:
+      raise FileNotFoundError(
+          f"--finetune_init=rough starts the finetune net from the trained rough net, but "
+          f"{directory} has no checkpoint. Run --stage=rough first with the same --model_dir "
+          "(--stage=all does), or pass --finetune_init=scratch.")
     copied = models.init_finetune_from_rough(rough, model)
   logging.info("finetune: body started from the rough net %s (%d variables; the gradient "
                "input's weights start at zero)", latest, copied)
@@ -75,12 +146,12 @@ def init_finetune_from_rough(config: "Config", strategy: tf.distribute.Strategy,
 
 def restore_gradient_network(config: "Config", network: keras.Model) -> None:
   directory = workdir.checkpoint_dir(config, "gradient")
-  latest = tf.train.latest_checkpoint(directory)
+  latest = restore_newest_readable(tf.train.Checkpoint(model=network), directory, config,
+                                   model_only=True)
   if latest is None:
     raise FileNotFoundError(
         f"--stage=finetune needs a trained gradient network, but {directory} has no "
         "checkpoint. Run --stage=gradient first with the same --model_dir (or --stage=all).")
-  tf.train.Checkpoint(model=network).restore(latest).expect_partial().assert_existing_objects_matched()
   logging.info("finetune: restored the gradient network from %s (%s)", latest,
                "frozen" if config.freeze_gradient else "trainable")
 

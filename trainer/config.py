@@ -68,9 +68,43 @@ class Config:
   mixed_precision: str = "auto"
   # Demo chain after `--stage=all`: export, predict a few test images, report.
   num_predict_images: int = 4
+  # Reruns on an existing --model_dir.
+  config_mismatch: str = "error"
+  rebuild_dataset: bool = False
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+# Settings a rerun on the same --model_dir may change: how long, how often, on
+# what hardware, where the data sits. Every other field defines the trained
+# networks or their recipe (architecture, sizes, data, loss, schedule, batch...)
+# and must equal what config.json recorded, or the run stops (--config_mismatch).
+RESUMABLE_FIELDS = frozenset({
+    "model_dir", "checkpoint_dir", "tensorboard_dir", "data_dir", "manual_dir",
+    "stage", "mode", "train_steps", "steps_per_loop", "log_every_steps", "eval_every_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "eval_split", "num_eval_examples",
+    "num_image_summaries", "strategy", "num_devices", "tpu", "mixed_precision",
+    "num_predict_images", "config_mismatch", "rebuild_dataset",
+})
+# Settings that define only one stage's network: they block a rerun only once
+# that stage has a checkpoint.
+STAGE_FIELDS = {"finetune_init": "finetune", "freeze_gradient": "finetune"}
+CONFIG_MISMATCH_CHOICES = ("error", "allow")
+
+
+def differences(stored: dict, config: Config) -> Tuple[dict, dict]:
+  """(blocking, allowed): {field: (stored value, given value)} between a stored
+  config.json and this run. A field the stored file predates counts as stored
+  at its default."""
+  given = json.loads(config.to_json())
+  defaults = json.loads(Config(model_dir="").to_json())
+  blocking, allowed = {}, {}
+  for name, value in given.items():
+    before = stored.get(name, defaults[name])
+    if before != value:
+      (allowed if name in RESUMABLE_FIELDS else blocking)[name] = (before, value)
+  return blocking, allowed
 
 
 def parse_image_size(text: str, flag: str = "--image_size") -> Tuple[int, int]:
@@ -166,6 +200,15 @@ def define_flags() -> None:
                 "auto: mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU.")
   f.DEFINE_integer("num_predict_images", default.num_predict_images,
                    "--stage=all: test images run through the exported model with trainer.predict.")
+  f.DEFINE_enum("config_mismatch", default.config_mismatch, CONFIG_MISMATCH_CHOICES,
+                "A rerun on a --model_dir whose config.json records other settings that "
+                "define the networks (architecture, image size, data, loss, schedule, batch...): "
+                "error (stop before touching anything, listing them) or allow (go on, "
+                "logged and recorded in config_history.jsonl; checkpoints of another shape "
+                "still fail to restore).")
+  f.DEFINE_bool("rebuild_dataset", default.rebuild_dataset,
+                "Rebuild --dataset from --manual_dir even though --data_dir holds a build "
+                "(needed when the manual folder changed since that build).")
 
 
 def config_from_flags(values: flags.FlagValues, model_dir: str,

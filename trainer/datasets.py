@@ -17,14 +17,17 @@ from absl import app
 from absl import logging
 import tensorflow_datasets as tfds
 
+from trainer import errors
+
 REBUILD_FLAG = "--rebuild_dataset"
 
 
-class DatasetError(ValueError, app.UsageError):
+class DatasetError(errors.UserInputError, app.UsageError):
   """The dataset setup is wrong; the message names the flag and what to do.
 
-  Also an absl UsageError (like tfds_record3d.ManualInputError): an entry
-  point run by `absl.app.run` prints it without a traceback and exits 1.
+  A UserInputError for the trainer's entry points, and an absl UsageError
+  like tfds_record3d.ManualInputError (which cannot depend on the trainer),
+  so that any program run by `absl.app.run` prints it without a traceback.
   """
 
   def __init__(self, message: str):

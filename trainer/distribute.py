@@ -14,6 +14,8 @@ from typing import Mapping, Optional
 from absl import logging
 import tensorflow as tf
 
+from trainer import errors
+
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 
 
@@ -52,7 +54,7 @@ def parse_tf_config(environ: Optional[Mapping[str, str]] = None) -> Optional[Clu
   try:
     config = json.loads(raw)
   except json.JSONDecodeError as e:
-    raise ValueError(f"TF_CONFIG is not valid JSON ({e}): {raw[:200]!r}") from e
+    raise errors.UserInputError(f"TF_CONFIG is not valid JSON ({e}): {raw[:200]!r}") from e
   cluster = config.get("cluster") or {}
   if not cluster:
     return None
@@ -60,13 +62,13 @@ def parse_tf_config(environ: Optional[Mapping[str, str]] = None) -> Optional[Clu
   task_type = task.get("type")
   task_index = task.get("index", 0)
   if task_type is None:
-    raise ValueError(f"TF_CONFIG has a cluster but no task.type: {raw[:200]!r}")
+    raise errors.UserInputError(f"TF_CONFIG has a cluster but no task.type: {raw[:200]!r}")
   if task_type not in cluster and task_type != "evaluator":
-    raise ValueError(
+    raise errors.UserInputError(
         f"TF_CONFIG task.type {task_type!r} is not a job of the cluster "
         f"{sorted(cluster)}")
   if task_type in cluster and not 0 <= int(task_index) < len(cluster[task_type]):
-    raise ValueError(
+    raise errors.UserInputError(
         f"TF_CONFIG task.index {task_index} is out of range for job "
         f"{task_type!r} with {len(cluster[task_type])} tasks")
   return ClusterTask(task_type=task_type, task_index=int(task_index), cluster=cluster)
@@ -97,7 +99,7 @@ def resolve_strategy_name(name: str,
   """
   environ = os.environ if environ is None else environ
   if name not in STRATEGIES:
-    raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}")
+    raise errors.UserInputError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}")
   if name != "auto":
     return name
   if tpu_found is None:
@@ -148,7 +150,8 @@ def get_distribution_strategy(name: str = "auto",
 
   if resolved == "one_device":
     if num_devices not in (None, 1):
-      raise ValueError(f"--strategy=one_device uses one device; got --num_devices={num_devices}")
+      raise errors.UserInputError(
+          f"--strategy=one_device uses one device; got --num_devices={num_devices}")
     device = "/gpu:0" if gpus else "/cpu:0"
     return tf.distribute.OneDeviceStrategy(device)
 
@@ -158,7 +161,7 @@ def get_distribution_strategy(name: str = "auto",
     kind = "GPU" if gpus else "CPU"
     count = len(devices) if num_devices is None else num_devices
     if count < 1 or count > len(devices):
-      raise ValueError(
+      raise errors.UserInputError(
           f"--strategy=mirrored asked for {count} devices but this host has "
           f"{len(devices)} {kind} device(s) visible "
           f"({', '.join(d.name for d in devices) or 'none'})")
@@ -171,7 +174,7 @@ def get_distribution_strategy(name: str = "auto",
   if resolved == "multi_worker_mirrored":
     task = parse_tf_config(environ)
     if task is None:
-      raise ValueError(
+      raise errors.UserInputError(
           "--strategy=multi_worker_mirrored needs TF_CONFIG to name the cluster "
           "(Vertex AI sets it; see README 'Distributed training')")
     communication = tf.distribute.experimental.CommunicationImplementation.AUTO
@@ -183,7 +186,7 @@ def get_distribution_strategy(name: str = "auto",
     try:
       resolver = _connect_tpu(tpu or "local")
     except (ValueError, RuntimeError, OSError, tf.errors.OpError) as e:
-      raise ValueError(
+      raise errors.UserInputError(
           f"--strategy=tpu could not reach the TPU {tpu or 'local'!r}: {e}. "
           "Pass --tpu=NAME (TPU node) or --tpu=local (TPU VM).") from e
     return tf.distribute.TPUStrategy(resolver)
@@ -194,9 +197,9 @@ def get_distribution_strategy(name: str = "auto",
 def replica_batch_size(global_batch_size: int, num_replicas: int) -> int:
   """Per-replica batch; a global batch that does not divide is an error."""
   if global_batch_size < 1:
-    raise ValueError(f"--global_batch_size must be positive, got {global_batch_size}")
+    raise errors.UserInputError(f"--global_batch_size must be positive, got {global_batch_size}")
   if global_batch_size % num_replicas:
-    raise ValueError(
+    raise errors.UserInputError(
         f"--global_batch_size={global_batch_size} does not divide over "
         f"{num_replicas} replicas; use a multiple of {num_replicas}")
   return global_batch_size // num_replicas

@@ -4,6 +4,8 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from trainer import errors
+
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 CHOICES = ("auto",) + POLICIES  # --mixed_precision
 
@@ -16,7 +18,7 @@ def resolve_policy(name: str, strategy: tf.distribute.Strategy) -> str:
   """
   if name != "auto":
     if name not in POLICIES:
-      raise ValueError(f"--mixed_precision={name!r} is not one of auto, {', '.join(POLICIES)}")
+      raise errors.UserInputError(f"--mixed_precision={name!r} is not one of auto, {', '.join(POLICIES)}")
     return name
   if isinstance(strategy, tf.distribute.TPUStrategy):
     return "mixed_bfloat16"

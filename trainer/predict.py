@@ -6,7 +6,10 @@ For each image NAME it writes into O: NAME_depth.png (16-bit, millimeters),
 NAME_depth_color.png (colourised, near = blue), NAME_depth.npy (float32 meters),
 and with --ply NAME.ply (coloured point cloud). A missing or unreadable image
 is reported by name and the others are still processed; the exit code is 1
-when any image failed.
+when any image failed. Outputs never overwrite one another: two inputs with
+the same NAME are refused before anything is written, and an existing output
+file is replaced only with --overwrite. 16-bit greyscale images are scaled to
+8 bits (logged); floating-point images are refused.
 
 The library part (`read_rgb`, `write_depth_outputs`, `write_ply`,
 `predict_files`) defines no flags; the CLI's flags are declared only when this
@@ -37,16 +40,57 @@ def camera_intrinsics(height: int, width: int, fx=None, fy=None, cx=None, cy=Non
   return k
 
 
+# PIL modes of 16-bit (and 32-bit integer) greyscale images: PIL's own
+# convert("RGB") clips them to 255, turning a typical photo white.
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+OUTPUT_SUFFIXES = ("_depth.png", "_depth_color.png", "_depth.npy", ".ply")
+
+
 def read_rgb(path: str) -> np.ndarray:
-  """uint8 [H,W,3]; raises ValueError naming the file when it is not a readable image."""
+  """uint8 [H,W,3]; raises ValueError naming the file when it is not a readable
+  8-bit or 16-bit image."""
   if not os.path.exists(path):
     raise ValueError(f"{path}: no such file")
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"{path}: empty file (0 bytes)")
   try:
     with Image.open(path) as image:
       image.load()  # truncated files fail here, not later
+      mode = image.mode
+      if mode == "F":
+        raise ValueError(f"{path}: a floating-point image; give 8-bit or 16-bit RGB")
+      if mode in _WIDE_GREY_MODES:
+        raw = np.asarray(image).astype(np.int64)
+        if raw.min() < 0 or raw.max() > 65535:
+          raise ValueError(f"{path}: {mode} values {raw.min()}..{raw.max()} are not 16-bit")
+        logging.warning("%s: 16-bit greyscale image, scaled to 8 bits (/257) as grey RGB", path)
+        grey = np.round(raw / 257.0).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
       return np.asarray(image.convert("RGB"))
   except (OSError, Image.DecompressionBombError, SyntaxError) as e:
     raise ValueError(f"{path}: not a readable image ({e})") from e
+
+
+def output_stems(image_paths: Sequence[str], output_dir: str, overwrite: bool = False) -> dict:
+  """{path: output stem}; ValueError naming the files when two inputs would write
+  the same outputs, or (without `overwrite`) when outputs already exist."""
+  stems = {p: os.path.join(output_dir, os.path.splitext(os.path.basename(p))[0])
+           for p in image_paths}
+  by_stem = {}
+  for path, stem in stems.items():
+    by_stem.setdefault(stem, []).append(path)
+  clashes = [paths for paths in by_stem.values() if len(paths) > 1]
+  if clashes:
+    raise ValueError("these inputs would write the same outputs; rename them or predict "
+                     "them in separate runs: " + "; ".join(" and ".join(c) for c in clashes))
+  if not overwrite:
+    existing = sorted(f"{stem}{suffix}" for stem in stems.values() for suffix in OUTPUT_SUFFIXES
+                      if os.path.exists(f"{stem}{suffix}"))
+    if existing:
+      raise ValueError(f"{len(existing)} output file(s) already exist in {output_dir} (e.g. "
+                       f"{existing[0]}); pass --overwrite to replace them, or choose another "
+                       "--output_dir")
+  return stems
 
 
 def write_depth_outputs(stem: str, depth: np.ndarray) -> tuple:
@@ -86,11 +130,15 @@ def write_ply(path: str, depth: np.ndarray, rgb: np.ndarray, intrinsics: np.ndar
 
 
 def predict_files(export_dir: str, image_paths: Sequence[str], output_dir: str,
-                  ply: bool = False, intrinsics: Optional[dict] = None) -> dict:
+                  ply: bool = False, intrinsics: Optional[dict] = None,
+                  overwrite: bool = False) -> dict:
   """Runs the SavedModel on each file; returns {path: error message or None}.
 
   `intrinsics`: optional {"fx", "fy", "cx", "cy"} in pixels of the input images.
+  Raises ValueError before writing anything when outputs would clash or exist
+  (see `output_stems`).
   """
+  stems = output_stems(image_paths, output_dir, overwrite)
   serving = tf.saved_model.load(export_dir).signatures["serving_default"]
   os.makedirs(output_dir, exist_ok=True)
   outcome = {}
@@ -104,7 +152,7 @@ def predict_files(export_dir: str, image_paths: Sequence[str], output_dir: str,
       progress.update(add=1, suffix=f"skipped {path}")
       continue
     depth = serving(images=tf.constant(rgb[None]))["depth"].numpy()[0]  # [H,W] meters
-    stem = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0])
+    stem = stems[path]
     vmin, vmax = write_depth_outputs(stem, depth)
     if ply:
       write_ply(f"{stem}.ply", depth, rgb, camera_intrinsics(*depth.shape, **(intrinsics or {})))
@@ -125,22 +173,29 @@ def _define_flags():
   flags.DEFINE_float("fy", None, "Focal length y in pixels (default: iPhone-like).")
   flags.DEFINE_float("cx", None, "Principal point x in pixels (default: image centre).")
   flags.DEFINE_float("cy", None, "Principal point y in pixels (default: image centre).")
+  flags.DEFINE_bool("overwrite", False, "Replace outputs that already exist in --output_dir.")
   return flags.FLAGS
 
 
 def main(argv, flag_values) -> int:
-  from absl import app  # pylint: disable=g-import-not-at-top
   paths = argv[1:]
+  problem = None
   if not flag_values.export_dir or not flag_values.output_dir:
-    raise app.UsageError("--export_dir and --output_dir are required")
-  if not paths:
-    raise app.UsageError("give one or more image files after the flags")
-  if not tf.io.gfile.exists(os.path.join(flag_values.export_dir, "saved_model.pb")):
-    raise app.UsageError(f"--export_dir={flag_values.export_dir} holds no SavedModel "
-                         "(saved_model.pb)")
-  outcome = predict_files(flag_values.export_dir, paths, flag_values.output_dir,
-                          ply=flag_values.ply,
-                          intrinsics={k: flag_values[k].value for k in ("fx", "fy", "cx", "cy")})
+    problem = "--export_dir and --output_dir are required"
+  elif not paths:
+    problem = "give one or more image files after the flags"
+  elif not tf.io.gfile.exists(os.path.join(flag_values.export_dir, "saved_model.pb")):
+    problem = f"--export_dir={flag_values.export_dir} holds no SavedModel (saved_model.pb)"
+  if problem:  # the message alone, not the help text (--help shows that)
+    print(f"trainer.predict: error: {problem}", file=sys.stderr)
+    return 2
+  try:
+    outcome = predict_files(flag_values.export_dir, paths, flag_values.output_dir,
+                            ply=flag_values.ply, overwrite=flag_values.overwrite,
+                            intrinsics={k: flag_values[k].value for k in ("fx", "fy", "cx", "cy")})
+  except ValueError as e:  # clashing or existing outputs: nothing was written
+    print(f"trainer.predict: error: {e}", file=sys.stderr)
+    return 2
   failed = {p: e for p, e in outcome.items() if e}
   logging.info("%d of %d images done, outputs in %s", len(outcome) - len(failed), len(outcome),
                flag_values.output_dir)

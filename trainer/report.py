@@ -93,7 +93,8 @@ def comparison_figure(samples: Dict[str, dict], config: Config, path: str) -> No
     for axis in row:
       axis.set_xticks([])
       axis.set_yticks([])
-    figure.colorbar(shown, ax=list(row), shrink=0.9, label="depth (m)")
+    # Arrows: predictions beyond the ground truth's range are drawn at its ends.
+    figure.colorbar(shown, ax=list(row), shrink=0.9, extend="both", label="depth (m)")
   figure.suptitle(f"{config.dataset}, split {config.eval_split}: {count} images at "
                   f"{height}x{width} (black: no ground truth)")
   buffer = io.BytesIO()
@@ -142,4 +143,6 @@ def predict_test_images(config: Config, builder, export_dir: str) -> dict:
     path = f"{inputs_dir}/{name}"
     Image.fromarray(example["image"]).save(path)
     paths.append(path)
-  return predict.predict_files(export_dir, paths, outputs_dir)
+  if tf.io.gfile.exists(outputs_dir):
+    logging.info("replacing this run's earlier predictions in %s", outputs_dir)
+  return predict.predict_files(export_dir, paths, outputs_dir, overwrite=True)

@@ -35,7 +35,16 @@ def stages_to_run(stage: str) -> tuple:
 
 def train_and_evaluate(config: "Config") -> dict:
   """Trains (and evaluates) each requested stage; returns {stage: StageResult}."""
-  run = workdir.setup_run(config)
+  training = config.mode in ("train", "train_and_eval")
+  run = workdir.setup_run(config, stages_to_run(config.stage) if training else ())
+  try:
+    return _run_stages(run)
+  finally:
+    workdir.release(run)
+
+
+def _run_stages(run: workdir.Run) -> dict:
+  config = run.config
   results = {}
   for stage in stages_to_run(config.stage):
     if config.mode == "eval":
@@ -75,16 +84,15 @@ def export_stages(config: "Config", results: dict) -> None:
 def restore_stage_model(run: workdir.Run, stage: str):
   """The stage's network with its latest checkpoint's weights: (model, step)."""
   ckpt_dir = workdir.checkpoint_dir(run.config, stage)
-  latest = tf.train.latest_checkpoint(ckpt_dir)
+  with run.strategy.scope():
+    model = train.build_stage_model(run.config, stage, restore_gradient=False)
+  latest = checkpoints.restore_newest_readable(tf.train.Checkpoint(model=model), ckpt_dir,
+                                               run.config, model_only=True)
   if latest is None:
     raise FileNotFoundError(
         f"--mode={run.config.mode}: {ckpt_dir} has no checkpoint for stage {stage!r}; "
         "train it first (--mode=train or train_and_eval)")
-  with run.strategy.scope():
-    model = train.build_stage_model(run.config, stage, restore_gradient=False)
-  checkpoints.restore_or_explain(tf.train.Checkpoint(model=model), latest, run.config,
-                                 model_only=True)
-  return model, checkpoints.latest_step(latest)
+  return model, checkpoints.checkpoint_step(latest)
 
 
 def evaluate_only(run: workdir.Run, stage: str) -> train.StageResult:

@@ -144,14 +144,15 @@ def train_stage(run: "Run", stage: str) -> StageResult:
       lambda ctx: input_pipeline.train_dataset(config, stage, run.builder, ctx))
 
   # --- Model, optimizer, checkpoint: resume, or start as the stage says.
-  latest = tf.train.latest_checkpoint(ckpt_dir)  # always resume from the chief's copy
+  resuming = bool(checkpoints.checkpoint_paths(ckpt_dir))  # always the chief's copy
   model, optimizer = build_model_and_optimizer(config, stage, strategy, run.policy,
-                                               _initial_depth(run, stage, latest is not None))
+                                               _initial_depth(run, stage, resuming))
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
   write_dir = distribute.worker_write_dir(ckpt_dir, strategy)
   manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=config.keep_checkpoints)
+  latest = checkpoints.restore_newest_readable(checkpoint, ckpt_dir, config) if resuming else None
   if latest:
-    checkpoints.restore_or_explain(checkpoint, latest, config)
+    # A stable line (README "Log lines").
     logging.info("%s: resumed from %s at step %d", stage, latest, int(optimizer.iterations))
   elif stage == "finetune" and config.finetune_init == "rough":
     checkpoints.init_finetune_from_rough(config, strategy, model)

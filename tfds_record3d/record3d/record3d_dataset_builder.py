@@ -11,7 +11,9 @@ everything goes through epath so that gs:// paths work).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import time
 
 import numpy as np
@@ -19,7 +21,10 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from tfds_record3d import cli_guard
+from tfds_record3d import depth_checks
 from tfds_record3d import pairs_format
+from tfds_record3d import provenance
 from tfds_record3d import r3d_format
 from tfds_record3d import splits
 from tfds_record3d import synthetic
@@ -42,7 +47,9 @@ sequence, never by frame, so near-identical neighbouring frames cannot leak
 across splits; a single sequence is cut into contiguous blocks instead.
 
 Statistics (frames and sequences per split, depth range, valid fraction)
-are computed while building and stored in `info.metadata["stats"]`.
+are computed while building and stored in `info.metadata["stats"]`; when,
+and from which manual folder (with a fingerprint of its files), in
+`info.metadata["provenance"]`.
 """
 
 _MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -146,18 +153,40 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     )
 
   # --- Validation before anything is written ------------------------------
+  # Every check of the manual input runs in `_scan`, before TFDS may delete a
+  # prepared build: in `__init__` under `tfds build --overwrite` (the CLI
+  # deletes right after constructing the builder), else in
+  # `download_and_prepare`. A rebuild that still fails later (files changed
+  # during the build, disk full, Ctrl-C) puts the previous build back.
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    if self.builder_config.source == "synthetic":
+      return
+    cli = cli_guard.overwrite_download_config(self.name)
+    if cli is not None and self.data_path.exists() and self.is_prepared():  # what the CLI tests
+      manual_dir = self._manual_dir(*cli)
+      logging.info("tfds build --overwrite: checking %s before the prepared %s is replaced",
+                   manual_dir, self.data_path)
+      self._scan(manual_dir)
 
   def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs):
     """Validates manual input first, so a bad input never deletes a prepared
     dataset (TFDS removes it before generating when asked to overwrite)."""
     download_config = download_config or tfds.download.DownloadConfig()
     mode = download_config.download_mode
-    will_generate = (not self.data_path.exists() or mode.overwrite_dataset) and (
+    exists = self.data_path.exists()
+    will_generate = (not exists or mode.overwrite_dataset) and (
         mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO)
     if self.builder_config.source != "synthetic" and will_generate:
       self._scan(self._manual_dir(download_dir, download_config))
-    return super().download_and_prepare(
-        download_dir=download_dir, download_config=download_config, **kwargs)
+    prepare = functools.partial(super().download_and_prepare, download_dir=download_dir,
+                                download_config=download_config, **kwargs)
+    if will_generate and exists:
+      with _kept_until_success(self.data_path):
+        return prepare()
+    _warn_if_interrupted_rebuild(self.data_path)
+    return prepare()
 
   def _manual_dir(self, download_dir, download_config) -> epath.Path:
     """The folder TFDS's DownloadManager would hand to _split_generators."""
@@ -172,27 +201,36 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     except AssertionError:  # TFDS: absent or empty; our scan says which precisely.
       return epath.Path(download_dir or self.data_dir_root / "downloads") / "manual"
 
-  def _scan(self, manual_dir: epath.Path) -> list:
-    """Validated sequences of the manual input (cached per folder).
+  def _scan(self, manual_dir: epath.Path) -> "_Scan":
+    """The validated manual input: sequences, split plan, provenance.
 
-    Raises validation.ManualInputError listing every problem.
+    Raises validation.ManualInputError listing every problem. Cached per
+    folder and fingerprint across builders: `tfds build --overwrite` makes a
+    second builder after its deletion, and decoding every file twice would
+    double the check.
     """
-    cache = getattr(self, "_scan_cache", None)
-    if cache is not None and cache[0] == str(manual_dir):
-      return cache[1]
-    started = time.time()
+    config = self.builder_config
     problems = validation.check_manual_dir(manual_dir)
-    sequences = []
-    if not problems:
-      reader = pairs_format if self.builder_config.source == "pairs" else r3d_format
-      sequences, problems = reader.scan(manual_dir)
+    if problems:
+      raise validation.ManualInputError(manual_dir, problems, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    origin = provenance.record(manual_dir)
+    key = (config.source, str(manual_dir), origin["fingerprint"]["digest"])
+    if key in _SCANS:
+      return dataclasses.replace(_SCANS[key], provenance=origin)
+    started = time.time()
+    reader = pairs_format if config.source == "pairs" else r3d_format
+    sequences, problems = reader.scan(manual_dir)
+    plan = splits.split_sequences({s.name: len(s.frames) for s in sequences})
+    if not problems:  # a split check over half the sequences would mislead
+      problems = depth_checks.split_problems(plan, {s.name: s.valid_pixels for s in sequences})
     if problems:
       raise validation.ManualInputError(manual_dir, problems, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     logging.info("record3d/%s: %s holds %d sequences, %d frames (checked in %.1f s)",
-                 self.builder_config.name, manual_dir, len(sequences),
+                 config.name, manual_dir, len(sequences),
                  sum(len(s.frames) for s in sequences), time.time() - started)
-    self._scan_cache = (str(manual_dir), sequences)
-    return sequences
+    _SCANS.clear()  # one entry: a build reads one folder
+    _SCANS[key] = _Scan({s.name: s for s in sequences}, plan, origin)
+    return _SCANS[key]
 
   # --- Generation ----------------------------------------------------------
 
@@ -203,17 +241,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           p.name: _SyntheticSequence(p, config.image_size, config.depth_size)
           for p in synthetic.plan_sequences(config.num_frames)
       }
+      plan = splits.split_sequences({name: len(s.frames) for name, s in sequences.items()})
+      self.info.metadata[provenance.KEY] = provenance.record(None)
     else:
-      sequences = {s.name: s for s in self._scan(epath.Path(dl_manager.manual_dir))}
-    counts = {name: len(s.frames) for name, s in sequences.items()}
-    plan = splits.split_sequences(counts)
-    empty = [split for split, parts in plan.items() if not parts]
-    if empty:
-      raise validation.ManualInputError(
-          f"record3d/{config.name}",
-          [validation.Problem(
-              "(all input)", f"{sum(counts.values())} frames in {len(counts)} sequence(s) "
-              f"leave split(s) {empty} empty; need 3+ frames")])
+      scan = self._scan(epath.Path(dl_manager.manual_dir))
+      sequences, plan = scan.sequences, scan.plan
+      self.info.metadata[provenance.KEY] = scan.provenance
     for split, parts in plan.items():
       logging.info("record3d/%s: split %s = %d sequences, %d frames", config.name, split,
                    len(parts), sum(len(positions) for _, positions in parts))
@@ -239,6 +272,57 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["stats"][split] = summary
     logging.info("record3d/%s %s done in %.1f s: %s", self.builder_config.name, split,
                  time.time() - started, summary)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scan:
+  sequences: dict  # name -> PairsSequence | R3dSequence
+  plan: splits.SplitPlan
+  provenance: dict
+
+
+_SCANS: dict[tuple, _Scan] = {}
+
+
+def _backup_path(data_path: epath.Path) -> epath.Path:
+  # Hidden and not a version number: TFDS never lists it as a build.
+  return data_path.parent / f".{data_path.name}.previous"
+
+
+@contextlib.contextmanager
+def _kept_until_success(data_path: epath.Path):
+  """Moves a prepared build aside while it is rebuilt; puts it back on failure.
+
+  TFDS deletes it before generating in its overwrite modes; the input was
+  checked, but a rebuild can still fail half-way (a file changed meanwhile,
+  disk full, Ctrl-C). On gs:// a folder rename copies every file, so there
+  the check before generating is the only protection.
+  """
+  if "://" in str(data_path):
+    yield
+    return
+  backup = _backup_path(data_path)
+  if backup.exists():
+    backup.rmtree()  # from an interrupted rebuild, older than data_path
+  data_path.rename(backup)
+  logging.info("Rebuilding %s: the previous build waits in %s until it succeeds",
+               data_path, backup)
+  try:
+    yield
+  except BaseException:
+    if data_path.exists():
+      data_path.rmtree()
+    backup.rename(data_path)
+    logging.warning("Rebuild failed: the previous build is back in %s", data_path)
+    raise
+  backup.rmtree()
+
+
+def _warn_if_interrupted_rebuild(data_path: epath.Path) -> None:
+  backup = _backup_path(data_path)
+  if "://" not in str(data_path) and not data_path.exists() and backup.exists():
+    logging.warning("%s holds the build before a rebuild that was interrupted; rename it "
+                    "to %s to use it again (it is deleted by the next rebuild)", backup, data_path)
 
 
 class _SyntheticSequence:
