@@ -18,6 +18,10 @@ Architectures:
   depthwise-separable convolutions (see `_unet_body`); any H, W works (the
   input is zero-padded bottom/right to a multiple of 32 inside the model and
   the output cropped back), 33x fewer FLOPs than the seed.
+- "mobilenet_v3", "resnet50" (`backbones.py`): a Keras application encoder
+  (MobileNetV3Large / ResNet50, its input preprocessing inside the model,
+  random or pretrained: `encoder_weights`), one nested keras.Model "encoder",
+  under the U-Net's stem, decoder, skips and padding.
 """
 
 import math
@@ -25,7 +29,11 @@ import math
 import keras
 import tensorflow as tf
 
-ARCHITECTURES = ("seed", "unet")
+from trainer import backbones
+
+# The single list of architectures (flags and the benchmark read it).
+ARCHITECTURES = ("seed", "unet") + backbones.ARCHITECTURES
+EncoderWeightsError = backbones.EncoderWeightsError
 STAGES = ("rough", "gradient", "finetune")
 
 # The seed's body: Conv2D 3x3 'same' + ReLU, then BatchNorm, for each of these.
@@ -146,14 +154,14 @@ def _seed_body(image, gradient=None, output_bias=0.0):
                              name="output")(x)
 
 
-def _conv_bn_relu(x, filters, strides, name):
+def conv_bn_relu(x, filters, strides, name):
   x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
                           name=f"{name}_conv")(x)
   x = batch_norm(momentum=UNET_BN_MOMENTUM, name=f"{name}_bn")(x)
   return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
-def _sep_bn_relu(x, filters, strides, name, kernel_size=3):
+def sep_bn_relu(x, filters, strides, name, kernel_size=3):
   x = keras.layers.SeparableConv2D(filters, kernel_size, strides=strides, padding="same",
                                    use_bias=False, name=f"{name}_sep")(x)
   x = batch_norm(momentum=UNET_BN_MOMENTUM, name=f"{name}_bn")(x)
@@ -184,25 +192,30 @@ def _unet_body(image, gradient=None, output_bias=0.0):
            0.91, while softplus always passes a gradient).
   """
   x = PadToMultiple(UNET_STRIDE, name="pad")(image)
-  x = _conv_bn_relu(x, UNET_STEM, 1, "stem")
+  x = conv_bn_relu(x, UNET_STEM, 1, "stem")
   if gradient is not None:
     gradient = PadToMultiple(UNET_STRIDE, name="pad_gradient")(gradient)
     x = keras.layers.Concatenate(axis=-1, name="concat_gradient")([x, gradient])
   skips = [x]
-  x = _conv_bn_relu(x, UNET_ENCODER[0], 2, "enc1")
+  x = conv_bn_relu(x, UNET_ENCODER[0], 2, "enc1")
   skips.append(x)
   for level, filters in enumerate(UNET_ENCODER[1:], start=2):
     kernel = 5 if level >= 4 else 3
-    x = _sep_bn_relu(x, filters, 2, f"enc{level}a", kernel)
-    x = _sep_bn_relu(x, filters, 1, f"enc{level}b", kernel)
+    x = sep_bn_relu(x, filters, 2, f"enc{level}a", kernel)
+    x = sep_bn_relu(x, filters, 1, f"enc{level}b", kernel)
     if level == len(UNET_ENCODER):  # bottleneck, stride 32: one more
-      x = _sep_bn_relu(x, filters, 1, f"enc{level}c", kernel)
+      x = sep_bn_relu(x, filters, 1, f"enc{level}c", kernel)
     skips.append(x)
   # skips[i] has stride 2**i; the last one (stride 32) is x itself.
+  return unet_decoder(x, skips, image, output_bias)
+
+
+def unet_decoder(x, skips, image, output_bias):
+  """The U-Net's "dec" and "output" (above): x of stride 32, skips[i] of stride 2**i."""
   for level in reversed(range(len(UNET_DECODER))):
     x = Upsample2x(name=f"up{level}")(x)
     x = keras.layers.Concatenate(axis=-1, name=f"skip{level}")([x, skips[level]])
-    x = _sep_bn_relu(x, UNET_DECODER[len(UNET_DECODER) - 1 - level], 1, f"dec{level}")
+    x = sep_bn_relu(x, UNET_DECODER[len(UNET_DECODER) - 1 - level], 1, f"dec{level}")
   x = keras.layers.Conv2D(1, 3, padding="same", activation="softplus", dtype="float32",
                           bias_initializer=keras.initializers.Constant(output_bias),
                           name="output_padded")(x)
@@ -210,15 +223,17 @@ def _unet_body(image, gradient=None, output_bias=0.0):
 
 
 _BODIES = {"seed": _seed_body, "unet": _unet_body}
-# The output activation of each body, to invert for `initial_depth`.
+# The output activation of each body, to invert for `initial_depth`: ReLU (for
+# y > 0) for the seed, softplus for the U-Net and the backbones (same decoder).
 _OUTPUT_ACTIVATION_INVERSE = {
-    "seed": lambda y: y,                        # ReLU, for y > 0
-    "unet": lambda y: math.log(math.expm1(y)),  # softplus
+    "seed": lambda y: y,
+    **{a: lambda y: math.log(math.expm1(y)) for a in ARCHITECTURES if a != "seed"},
 }
 
 
 def build_network(stage, architecture, image_size=None, gradient_network=None,
-                  freeze_gradient=True, initial_depth=None, name=None):
+                  freeze_gradient=True, initial_depth=None, name=None,
+                  encoder_weights=None, freeze_encoder_batch_norm=None):
   """Builds the network of one stage.
 
   Args:
@@ -230,9 +245,10 @@ def build_network(stage, architecture, image_size=None, gradient_network=None,
       It is called on the same image and its output is concatenated with the
       first block's features (seed: after conv1/bn1; unet: after the stem).
     freeze_gradient: finetune only. True (default): `gradient_network.trainable`
-      is set to False and it is called with training=False (BatchNorm uses its
-      moving statistics), so optimizer steps on the finetune model never
-      change it. False: it is set trainable and trained jointly.
+      is set to False, so BatchNorm uses its moving statistics (in Keras 3
+      an outer training=True overrides the call's training=False) and
+      optimizer steps on the finetune model never change it. False: it is
+      set trainable and trained jointly.
       NOTE: this sets the `trainable` attribute of the model passed in.
     initial_depth: rough / finetune: meters (> 0) the output layer's bias is
       started at, so a fresh network predicts about this everywhere (give the
@@ -241,6 +257,10 @@ def build_network(stage, architecture, image_size=None, gradient_network=None,
       climbs to room-scale depths (a 500-step seed rough run predicted 0
       everywhere). None: zero bias (Keras' default).
     name: model name; default "<architecture>_<stage>".
+    encoder_weights, freeze_encoder_batch_norm: backbone architectures only
+      (None / "none" otherwise): None / "none" (random), "imagenet" or a file
+      path; BatchNorm mode of the backbone (None: frozen iff weights were
+      loaded). See `backbones.backbone_body`; raises EncoderWeightsError.
 
   Returns:
     keras.Model, input "image" [B, H, W, 3] float32, output [B, H, W, 1] float32.
@@ -271,28 +291,44 @@ def build_network(stage, architecture, image_size=None, gradient_network=None,
       gradient = gradient_network(image, training=False)
     else:
       gradient = gradient_network(image)
-  output = _BODIES[architecture](image, gradient, output_bias)
+  if architecture in backbones.ARCHITECTURES:
+    output = backbones.backbone_body(architecture, image, gradient, output_bias,
+                                     encoder_weights, freeze_encoder_batch_norm)
+  else:
+    backbones.check_no_encoder_weights(architecture, encoder_weights)
+    output = _BODIES[architecture](image, gradient, output_bias)
   return keras.Model(image, output, name=name or f"{architecture}_{stage}")
 
 
 def build_stage_network(stage, architecture, image_size=None, freeze_gradient=True,
-                        initial_depth=None):
+                        initial_depth=None, encoder_weights=None,
+                        freeze_encoder_batch_norm=None):
   """`build_network` for a stage, with the networks it contains built too.
 
   For finetune, a freshly initialised gradient network is built inside it; the
   caller restores the trained weights (the whole model from a finetune
-  checkpoint, or `gradient_subnetwork(model)` from a gradient checkpoint).
+  checkpoint, or `gradient_subnetwork(model)` from a gradient checkpoint), so
+  its encoder gets no `encoder_weights`, only the same BatchNorm mode.
   """
   gradient_network = None
+  freeze_bn = backbones.resolve_freeze_batch_norm(encoder_weights, freeze_encoder_batch_norm)
   if stage == "finetune":
-    gradient_network = build_network("gradient", architecture, image_size)
+    gradient_network = build_network("gradient", architecture, image_size,
+                                     freeze_encoder_batch_norm=freeze_bn)
   return build_network(stage, architecture, image_size, gradient_network=gradient_network,
-                       freeze_gradient=freeze_gradient, initial_depth=initial_depth)
+                       freeze_gradient=freeze_gradient, initial_depth=initial_depth,
+                       encoder_weights=encoder_weights, freeze_encoder_batch_norm=freeze_bn)
+
+
+# The pretrained backbone's trainable variables in a model (learning-rate
+# multiplier, freezing the encoder for N steps); [] for seed / unet.
+encoder_variables = backbones.encoder_variables
 
 
 def gradient_subnetwork(finetune_model):
-  """The gradient network nested in a finetune model."""
-  nested = [layer for layer in finetune_model.layers if isinstance(layer, keras.Model)]
+  """The gradient network nested in a finetune model (not its backbone "encoder")."""
+  nested = [layer for layer in finetune_model.layers if isinstance(layer, keras.Model)
+            and layer.name != backbones.ENCODER_NAME]
   if len(nested) != 1:
     raise ValueError(f"{finetune_model.name} holds {len(nested)} nested networks, expected "
                      "exactly one (the gradient network of a finetune model)")
@@ -305,7 +341,8 @@ def init_finetune_from_rough(rough, finetune):
 
   Both bodies have the same layers under the same names; the only difference
   is the gradient channel appended (last) to the input of the layers that read
-  the concatenation (seed: conv2; unet: enc1_conv and dec0_sep). Those kernels
+  the concatenation (seed: conv2; unet: enc1_conv and dec0_sep; backbones:
+  stem2_sep, and the "encoder" is copied whole). Those kernels
   get rough's weights for the other input channels and ZERO mixing weights for
   the new one, so at step 0 the finetune net predicts exactly what rough does
   and training can only start from there. (A depthwise kernel keeps its fresh
@@ -315,12 +352,13 @@ def init_finetune_from_rough(rough, finetune):
   Returns the number of variables copied. Raises ValueError when a rough layer
   has no counterpart or a shape differs other than by the appended channel.
   """
-  body = {layer.name: layer for layer in finetune.layers if not isinstance(layer, keras.Model)}
+  gradient = gradient_subnetwork(finetune)
+  body = {layer.name: layer for layer in finetune.layers if layer is not gradient}
   copied = 0
   for layer in rough.layers:
     if not layer.weights:
       continue
-    if layer.name not in body:
+    if layer.name not in body or len(body[layer.name].weights) != len(layer.weights):
       raise ValueError(f"rough layer {layer.name!r} has no counterpart in {finetune.name}")
     for source, target in zip(layer.weights, body[layer.name].weights):
       value = source.numpy()
