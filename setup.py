@@ -27,7 +27,13 @@ CLOUD = [
     "PyYAML>=6,<7",  # `launch.vertex --dry_run` writes the gcloud --config YAML
 ]
 
-TEST = CLOUD + [
+# Mobile export: running .tflite files with the maintained LiteRT interpreter
+# (TensorFlow's own tf.lite converts; 1.0.x fails to load our files).
+LITERT = [
+    "ai-edge-litert>=1.1.2,<3",
+]
+
+TEST = CLOUD + LITERT + [
     "pytest>=8,<10",
     "dill>=0.3",  # tfds.testing imports it
     "gcp-storage-emulator>=2024.0",
@@ -44,5 +50,5 @@ setuptools.setup(
     package_data={"tfds_record3d": ["**/dummy_data/**/*", "**/*.txt", "**/*.tsv"]},
     include_package_data=True,
     install_requires=CORE,
-    extras_require={"cloud": CLOUD, "test": TEST},
+    extras_require={"cloud": CLOUD, "litert": LITERT, "test": TEST},
 )
