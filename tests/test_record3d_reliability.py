@@ -149,7 +149,7 @@ def test_rebuild_replaces_on_good_input_and_keeps_on_bad(prepared, bad_input):
 
 def test_empty_training_split_is_refused(prepared):
   _, data_dir = prepared
-  info_path = data_dir / "record3d/pairs/1.0.0/dataset_info.json"
+  info_path = tfds.builder("record3d/pairs", data_dir=str(data_dir)).data_path / "dataset_info.json"
   info = json.loads(info_path.read_text())
   for split in info["splits"]:
     if split["name"] == "train":

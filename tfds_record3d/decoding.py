@@ -50,6 +50,40 @@ def image_size(data: bytes) -> tuple[int, int]:
   return decode_rgb(data).shape[:2]
 
 
+def header_size(data: bytes) -> tuple[int, int]:
+  """(H, W) from the image's header only (no decode: for files already checked)."""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      width, height = image.size
+  except Exception as e:  # PIL raises UnidentifiedImageError, OSError...
+    raise DecodeError(f"not a JPEG or PNG image ({len(data)} bytes; {e})") from e
+  return height, width
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def stored_rgb(data: bytes) -> bytes:
+  """The bytes the dataset stores for an RGB file that passed `decode_rgb`.
+
+  JPEG and 8-bit PNG: the file's own bytes, unchanged (no decode and
+  re-encode: faster, smaller, and no second JPEG generation loss). TFDS'
+  Image feature decodes either with `tf.image.decode_image(channels=3)`,
+  which turns grey, palette and RGBA images into RGB as PIL's
+  `convert("RGB")` does. A 16-bit PNG is the exception: TF and PIL reduce it
+  to 8 bits differently, so it is decoded here and stored as an 8-bit PNG.
+  """
+  if data.startswith(_JPEG_MAGIC):
+    return data
+  # PNG: IHDR is the first chunk; its bit depth is byte 24 of the file.
+  if data.startswith(_PNG_MAGIC) and len(data) > 24 and data[24] <= 8:
+    return data
+  buffer = io.BytesIO()
+  Image.fromarray(decode_rgb(data)).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
 def clean_depth(depth_m: np.ndarray) -> np.ndarray:
   """float depth in meters -> float32 with every invalid value (NaN, inf, <= 0) as 0."""
   depth = np.asarray(depth_m, dtype=np.float32)

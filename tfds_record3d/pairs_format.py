@@ -22,6 +22,15 @@ Manifest `depth2d.json` (all keys optional):
 `pair_by`: "stem" matches equal file stems; "order" zips the sorted lists
 (the seed's notebook; counts must be equal); "timestamp" reads stems as
 seconds and matches each RGB to the nearest depth within 20 ms (TUM).
+
+Per frame: `frame` is the RGB file's stem when it is all digits
+(000012.jpg -> 12), else the frame's position in the sequence (0, 1, ...
+in pairing order); `source` is the RGB file relative to M
+("kitchen/rgb/000012.jpg"); `timestamp` is the stem read as seconds when it
+is a decimal number with a fraction (TUM: 1305031102.175304) or when
+pair_by is "timestamp", else -1; `pose` is the identity and `camera`
+"unknown" (a folder of pairs carries neither).
+RGB is stored as the file's own bytes (see decoding.stored_rgb).
 A Record3D EXR export's `metadata.json` in the sequence folder also
 provides intrinsics (its column-major `K`). Without any, intrinsics default
 to fx = fy = 0.755 * max(H, W), principal point at the image centre.
@@ -42,6 +51,7 @@ from etils import epath
 
 from tfds_record3d import decoding
 from tfds_record3d import depth_checks
+from tfds_record3d.frame_example import NO_TIMESTAMP
 from tfds_record3d.frame_example import frame_example
 from tfds_record3d import intrinsics as intrinsics_lib
 from tfds_record3d.validation import Problem
@@ -56,6 +66,7 @@ DEPTH_SUFFIXES = (".png", ".npy", ".exr")
 CONFIDENCE_SUFFIXES = (".png", ".npy")
 DEFAULT_DEPTH_SCALE = 1000.0  # units per meter: millimeters
 TIMESTAMP_TOLERANCE_S = 0.02
+_DECIMAL_STEM = re.compile(r"^\d+\.\d+$")  # TUM: 1305031102.175304
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +75,39 @@ class PairsFrame:
   rgb: epath.Path
   depth: epath.Path
   confidence: epath.Path | None
+  source: str = ""  # rgb relative to the manual folder
+  timestamp: float = NO_TIMESTAMP
+
+
+@dataclasses.dataclass(frozen=True)
+class PairsFrameTask:
+  """Everything needed to read one frame, and nothing more: a Beam build ships
+  one of these per element (the sequence's whole frame list would be copied
+  into every element)."""
+  sequence: str
+  frame: PairsFrame
+  depth_scale: float
+  intrinsics: np.ndarray | None
+  intrinsics_size: tuple[int, int] | None
+
+  def read(self) -> dict:
+    frame = self.frame
+    image = decoding.stored_rgb(frame.rgb.read_bytes())
+    image_size = decoding.header_size(image)
+    depth = read_depth(frame.depth, self.depth_scale)
+    confidence = None
+    if frame.confidence is not None:
+      confidence = read_confidence(frame.confidence)
+    return frame_example(image, depth, confidence,
+                         _intrinsics_for(self.intrinsics, self.intrinsics_size, image_size),
+                         self.sequence, frame.frame, source=frame.source,
+                         timestamp=frame.timestamp)
+
+
+def _intrinsics_for(k, k_size, image_size) -> np.ndarray:
+  if k is None:
+    return intrinsics_lib.default_intrinsics(*image_size)
+  return intrinsics_lib.scale_intrinsics(k, k_size or image_size, image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,21 +122,15 @@ class PairsSequence:
   valid_pixels: tuple[int, ...]  # valid depth pixels per frame (split checks)
 
   def intrinsics_for(self, image_size: tuple[int, int]) -> np.ndarray:
-    if self.intrinsics is None:
-      return intrinsics_lib.default_intrinsics(*image_size)
-    return intrinsics_lib.scale_intrinsics(
-        self.intrinsics, self.intrinsics_size or image_size, image_size)
+    return _intrinsics_for(self.intrinsics, self.intrinsics_size, image_size)
+
+  def frame_task(self, position: int) -> PairsFrameTask:
+    return PairsFrameTask(self.name, self.frames[position], self.depth_scale,
+                          self.intrinsics, self.intrinsics_size)
 
   def read_frames(self, positions) -> Iterator[dict]:
     for position in positions:
-      frame = self.frames[position]
-      image = decoding.decode_rgb(frame.rgb.read_bytes())
-      depth = read_depth(frame.depth, self.depth_scale)
-      confidence = None
-      if frame.confidence is not None:
-        confidence = read_confidence(frame.confidence)
-      yield frame_example(image, depth, confidence, self.intrinsics_for(image.shape[:2]),
-                          self.name, frame.frame)
+      yield self.frame_task(position).read()
 
 
 def read_depth(path: epath.Path, depth_scale: float = DEFAULT_DEPTH_SCALE) -> np.ndarray:
@@ -248,7 +286,22 @@ def _pair(rgb: dict, depth: dict, pair_by: str, rgb_dir, depth_dir, problems):
   return [(s, rgb[s], depth[s]) for s in sorted(set(rgb) & set(depth), key=_natural_key)]
 
 
-def _scan_sequence(name, folder, manual_dir, problems) -> PairsSequence | None:
+def _stem_timestamp(stem: str, pair_by: str) -> float:
+  if pair_by == "timestamp" or _DECIMAL_STEM.match(stem):
+    return float(stem)
+  return NO_TIMESTAMP
+
+
+def _relative(path: epath.Path, manual_dir: epath.Path) -> str:
+  return path.relative_to(manual_dir).as_posix()
+
+
+def _scan_sequence(name, folder, manual_dir, problems, check=True) -> PairsSequence | None:
+  """Lists, pairs and (when `check`) fully decodes one sequence folder.
+
+  check=False only lists and pairs (what a Beam worker redoes to find the
+  frames the launcher already checked); `valid_pixels` is then empty.
+  """
   start = len(problems)
   rgb_dir = _find_dir(folder, RGB_DIRS)
   depth_dir = _find_dir(folder, DEPTH_DIRS)
@@ -274,8 +327,15 @@ def _scan_sequence(name, folder, manual_dir, problems) -> PairsSequence | None:
                 if confidence_dir.is_dir() else {})
 
   frames, frame_depths = [], []
+  pair_by = manifest.get("pair_by", "stem")
   for position, (stem, rgb_path, depth_path) in enumerate(
-      _pair(rgb, depth, manifest.get("pair_by", "stem"), rgb_dir, depth_dir, problems)):
+      _pair(rgb, depth, pair_by, rgb_dir, depth_dir, problems)):
+    confidence_path = confidence.get(stem)
+    frame_number = int(stem) if stem.isdigit() else position
+    frames.append(PairsFrame(frame_number, rgb_path, depth_path, confidence_path,
+                             _relative(rgb_path, manual_dir), _stem_timestamp(stem, pair_by)))
+    if not check:
+      continue
     try:
       image_size = decoding.image_size(rgb_path.read_bytes())
     except decoding.DecodeError as e:
@@ -292,7 +352,6 @@ def _scan_sequence(name, folder, manual_dir, problems) -> PairsSequence | None:
       problems.append(Problem(
           str(rgb_path), f"aspect ratio of RGB {image_size[0]}x{image_size[1]} differs from "
           f"depth {depth_path.name} {depth_shape[0]}x{depth_shape[1]}"))
-    confidence_path = confidence.get(stem)
     if confidence_path is not None:
       try:
         confidence_shape = read_confidence(confidence_path).shape
@@ -301,8 +360,10 @@ def _scan_sequence(name, folder, manual_dir, problems) -> PairsSequence | None:
                                   f"shape {confidence_shape} differs from depth {depth_shape}"))
       except decoding.DecodeError as e:
         problems.append(Problem(str(confidence_path), str(e)))
-    frame_number = int(stem) if stem.isdigit() else position
-    frames.append(PairsFrame(frame_number, rgb_path, depth_path, confidence_path))
+  if not check:
+    if len(problems) > start:
+      return None
+    return PairsSequence(name, folder, tuple(frames), depth_scale, k, k_size, ())
   if len(problems) == start:
     if not frames:
       problems.append(Problem(str(folder), "no RGB/depth pairs"))
@@ -327,6 +388,19 @@ def _scale_fix(folder: epath.Path, frames, depth_scale: float) -> str:
 
 def _is_sequence_folder(folder: epath.Path) -> bool:
   return _find_dir(folder, RGB_DIRS) is not None and _find_dir(folder, DEPTH_DIRS) is not None
+
+
+def load_sequence(name: str, folder, manual_dir) -> PairsSequence:
+  """The frames of one sequence the launcher's `scan` already checked, listed
+  again without decoding (a Beam worker's view). Raises ValueError naming the
+  files if the folder no longer pairs up."""
+  problems: list[Problem] = []
+  sequence = _scan_sequence(name, epath.Path(folder), epath.Path(manual_dir), problems,
+                            check=False)
+  if sequence is None:
+    raise ValueError(f"{folder} changed since it was checked: "
+                     + "; ".join(str(p) for p in problems))
+  return sequence
 
 
 def scan(manual_dir: epath.Path) -> tuple[list[PairsSequence], list[Problem]]:

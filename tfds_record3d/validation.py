@@ -46,11 +46,23 @@ class ManualInputError(ValueError, app.UsageError):
 
 
 def check_manual_dir(manual_dir: epath.Path) -> list[Problem]:
-  """Problems with the manual folder itself (absent, not a folder, empty)."""
-  if not manual_dir.exists():
-    return [Problem(str(manual_dir), "manual folder does not exist")]
-  if not manual_dir.is_dir():
-    return [Problem(str(manual_dir), "manual folder is not a directory")]
-  if not any(not p.name.startswith(".") for p in manual_dir.iterdir()):
-    return [Problem(str(manual_dir), "manual folder is empty")]
+  """Problems with the manual folder itself (absent, unreadable, not a folder, empty)."""
+  remote = "://" in str(manual_dir)
+  try:
+    if not manual_dir.exists():
+      hint = (" (check the bucket and folder names; on gs:// an empty \"folder\" does "
+              "not exist)" if remote else "")
+      return [Problem(str(manual_dir), f"manual folder does not exist{hint}")]
+    if not manual_dir.is_dir():
+      return [Problem(str(manual_dir), "manual folder is not a directory")]
+    if not any(not p.name.startswith(".") for p in manual_dir.iterdir()):
+      return [Problem(str(manual_dir), "manual folder is empty")]
+  except Exception as e:  # pylint: disable=broad-except
+    # gs:// errors come from TF's filesystem (tf.errors.PermissionDeniedError,
+    # NotFoundError, ...) or fsspec (OSError); local ones are OSError.
+    hint = (": check that these credentials may list and read the bucket "
+            "(gcloud auth application-default login, or the job's service account "
+            "needs roles/storage.objectViewer)" if remote else "")
+    return [Problem(str(manual_dir), f"cannot read the manual folder "
+                    f"({type(e).__name__}: {str(e).strip()[:300]}){hint}")]
   return []

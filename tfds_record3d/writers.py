@@ -108,6 +108,9 @@ def write_r3d(
     camera_type: int = 1,
     write_confidence: bool = True,
     write_metadata: bool = True,
+    poses=None,
+    timestamps=None,
+    compression: int = zipfile.ZIP_STORED,
 ) -> epath.Path:
   """Writes a Record3D-style `.r3d` ZIP; returns its path.
 
@@ -116,6 +119,11 @@ def write_r3d(
   in the order given): rgbd/{i}.jpg, rgbd/{i}.depth (LZFSE float32 (dh, dw)),
   rgbd/{i}.conf (LZFSE uint8 (dh, dw)). write_metadata=False makes the
   broken file of a bad-input test.
+
+  poses: N rows qx,qy,qz,qw,tx,ty,tz (default: identity for every frame);
+  timestamps: N seconds (default i / fps). Either may have another length
+  (a bad-input test); [] writes an empty list. compression: zipfile.ZIP_STORED
+  or ZIP_DEFLATED (readers must handle both).
   """
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,10 +140,12 @@ def write_r3d(
       "fps": fps,
       "cameraType": camera_type,
       "initPose": [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
-      "poses": [[0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0] for _ in examples],
-      "frameTimestamps": [i / fps for i in range(len(examples))],
+      "poses": ([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0] for _ in examples] if poses is None
+                else np.asarray(poses, np.float64).tolist()),
+      "frameTimestamps": ([i / fps for i in range(len(examples))] if timestamps is None
+                          else [float(t) for t in timestamps]),
   }
-  with path.open("wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+  with path.open("wb") as f, zipfile.ZipFile(f, "w", compression) as archive:
     if write_metadata:
       archive.writestr(r3d_format.METADATA_NAME, json.dumps(metadata))
     for i, example in enumerate(examples):

@@ -1,7 +1,8 @@
 """The `record3d` TFDS dataset: RGB images with metric depth (iPhone LiDAR).
 
 Configs:
-  synthetic (default)  procedurally rendered rooms with exact depth; no files needed.
+  synthetic (default)  procedurally rendered rooms with LiDAR-like depth; no files needed.
+  synthetic_target     a second rendered domain, unlike `synthetic` (synthetic_target.py).
   pairs                folders of RGB + depth files (manual_dir), see pairs_format.py.
   r3d                  Record3D `.r3d` exports (manual_dir), see r3d_format.py.
 
@@ -21,13 +22,17 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from tfds_record3d import beam_build
 from tfds_record3d import cli_guard
 from tfds_record3d import depth_checks
+from tfds_record3d import frame_example
 from tfds_record3d import pairs_format
 from tfds_record3d import provenance
 from tfds_record3d import r3d_format
+from tfds_record3d import split_stats
 from tfds_record3d import splits
 from tfds_record3d import synthetic
+from tfds_record3d import synthetic_target
 from tfds_record3d import validation
 
 _DESCRIPTION = """\
@@ -41,6 +46,15 @@ uint8 (Hd, Wd), 0 low / 1 medium / 2 high (2 when the source has none);
 `intrinsics` float32 (3, 3) pinhole K for the IMAGE size (pixel centres at
 +0.5; multiply the first two rows by Wd/W, Hd/H for the depth size);
 `sequence` (capture name) and `frame` (index in the capture).
+
+The `synthetic` and `synthetic_target` configs are rendered rooms whose
+`depth` is what an iPhone LiDAR would report (noise growing with distance,
+wrong "flying pixel" depth at occluding edges, nothing beyond 6.5 m) and
+whose `confidence` marks the unreliable pixels (0 at edges, at grazing
+angles over 78 degrees and beyond 5 m; 1 over 66 degrees and beyond 4 m).
+`synthetic_target` has other layouts, materials, lighting, a lower camera
+and a wider field of view: rooms unlike those of `synthetic`, for
+measuring generalisation.
 
 Splits train / validation / test (~80/10/10 of frames) are made by
 sequence, never by frame, so near-identical neighbouring frames cannot leak
@@ -86,20 +100,50 @@ class Record3dConfig(tfds.core.BuilderConfig):
   image_size: tuple[int, int] = synthetic.IMAGE_SIZE  # (H, W)
   depth_size: tuple[int, int] = synthetic.DEPTH_SIZE  # (H, W)
   image_encoding: str = "jpeg"  # how `image` is stored: "jpeg" or "png"
+  synthetic_domain: str = "source"  # synthetic rooms: "source" or "target" (synthetic.domain)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   """DatasetBuilder for the record3d dataset."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release: synthetic, pairs and r3d configs."}
+  # A build of an older version keeps loading when asked for by version:
+  # tfds.builder("record3d/r3d:1.0.0", data_dir=...) (or version="1.0.0")
+  # reads that build's own features.json (TFDS loads "from files" whenever a
+  # version is given), so old versions need no SUPPORTED_VERSIONS entry (that
+  # would claim this code can still generate them; it cannot).
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release: synthetic, pairs and r3d configs.",
+      "1.1.0": (
+          "New features source (file relative to the manual folder), timestamp "
+          "(float64 s, -1 unknown), pose (float32 4x4 camera-to-world, OpenGL axes, "
+          "identity unknown), camera (ClassLabel lidar/truedepth/unknown). pairs, r3d: "
+          "RGB that arrives as JPEG or 8-bit PNG is stored as the source's own bytes "
+          "(no decode + re-encode; `image` encoding_format None); Apache Beam builds "
+          "(--beam_pipeline_options); manual_dir on gs://. synthetic: depth is "
+          "LiDAR-like sensor depth (noise 0.008 z + 0.002 z^2 m, flying pixels at "
+          "occluding edges, none beyond 6.5 m) with a real confidence map, RGB "
+          "unchanged, timestamp frame/30, its own camera poses, camera lidar. New "
+          "config synthetic_target: 600 frames in 20 rooms of another style, same "
+          "features and sensor model."),
+  }
   BUILDER_CONFIGS = [
       Record3dConfig(
           name="synthetic",
           description=(
-              "1059 rendered frames in ~30 room walk-throughs, RGB 320x240, "
-              "exact depth 256x192; needs no files."),
+              "1059 rendered frames in ~30 room walk-throughs, RGB 320x240, LiDAR-like "
+              "depth and confidence 256x192; needs no files."),
           source="synthetic",
+      ),
+      Record3dConfig(
+          name="synthetic_target",
+          description=(
+              "600 rendered frames in 20 rooms unlike `synthetic`'s (layouts, materials, "
+              "lighting, lower camera, 80-degree field of view, depth up to ~5 m), "
+              "same sensor model and sizes; needs no files."),
+          source="synthetic",
+          num_frames=synthetic_target.NUM_FRAMES,
+          synthetic_domain="target",
       ),
       Record3dConfig(
           name="pairs",
@@ -131,13 +175,18 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if config.source == "synthetic":  # static shapes when they are known
       image_shape = (*config.image_size, 3)
       depth_shape = tuple(config.depth_size)
+      encoding = config.image_encoding  # rendered arrays, encoded by TFDS
     else:
       image_shape, depth_shape = (None, None, 3), (None, None)
+      # Manual input is stored as the source's own JPEG or PNG bytes, so a
+      # `pairs` folder may mix both: None declares "as given" (TFDS decodes
+      # either; arrays, which our readers never hand over, would become PNG).
+      encoding = None
     return self.dataset_info_from_configs(
         description=_DESCRIPTION,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(
-                shape=image_shape, dtype=np.uint8, encoding_format=config.image_encoding),
+                shape=image_shape, dtype=np.uint8, encoding_format=encoding),
             # Depth and confidence are zlib-compressed raw tensors (lossless).
             "depth": tfds.features.Tensor(
                 shape=depth_shape, dtype=np.float32, encoding=tfds.features.Encoding.ZLIB),
@@ -146,6 +195,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "intrinsics": tfds.features.Tensor(shape=(3, 3), dtype=np.float32),
             "sequence": tfds.features.Text(),
             "frame": np.int32,
+            # Provenance (1.1.0): the file relative to the manual folder
+            # ("kitchen.r3d:rgbd/12.jpg", "kitchen/rgb/000012.jpg"; "" when
+            # rendered), seconds (-1 when unknown), camera-to-world 4x4 in
+            # Record3D's OpenGL camera axes (identity when unknown).
+            "source": tfds.features.Text(),
+            "timestamp": np.float64,  # float32 cannot hold TUM's 1305031102.175304
+            "pose": tfds.features.Tensor(shape=(4, 4), dtype=np.float32),
+            "camera": tfds.features.ClassLabel(names=frame_example.CAMERAS),
         }),
         supervised_keys=("image", "depth"),
         homepage="https://record3d.app",
@@ -234,12 +291,23 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   # --- Generation ----------------------------------------------------------
 
+  def _download_and_prepare(self, dl_manager, download_config):
+    # Set before generation starts (never during it): does `_split_generators`
+    # hand TFDS Beam transforms or Python generators?
+    self._beam_plan = None
+    self._use_beam = (beam_build.uses_beam(download_config)
+                      and self.builder_config.source != "synthetic")
+    if beam_build.uses_beam(download_config) and not self._use_beam:
+      logging.info("record3d/%s renders in process: Beam options are used by the "
+                   "pairs and r3d configs only", self.builder_config.name)
+    return super()._download_and_prepare(dl_manager, download_config)
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config = self.builder_config
     if config.source == "synthetic":
       sequences = {
           p.name: _SyntheticSequence(p, config.image_size, config.depth_size)
-          for p in synthetic.plan_sequences(config.num_frames)
+          for p in synthetic.plan_sequences(config.num_frames, domain_name=config.synthetic_domain)
       }
       plan = splits.split_sequences({name: len(s.frames) for name, s in sequences.items()})
       self.info.metadata[provenance.KEY] = provenance.record(None)
@@ -251,14 +319,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       logging.info("record3d/%s: split %s = %d sequences, %d frames", config.name, split,
                    len(parts), sum(len(positions) for _, positions in parts))
     self.info.metadata["stats"] = {}
-    return {
-        split: self._generate_examples(
-            split, [(sequences[name], positions) for name, positions in parts])
-        for split, parts in plan.items()
-    }
+    parts_of = {split: [(sequences[name], positions) for name, positions in parts]
+                for split, parts in plan.items()}
+    if getattr(self, "_use_beam", False):
+      # Workers must not touch the builder: statistics return as Beam metrics,
+      # read in `_process_pipeline_result` once the pipeline has finished.
+      self._beam_plan = {split: len(parts) for split, parts in plan.items()}
+      return {split: beam_build.split_transform(split, config.source, dl_manager.manual_dir,
+                                                parts)
+              for split, parts in parts_of.items()}
+    return {split: self._generate_examples(split, parts) for split, parts in parts_of.items()}
 
   def _generate_examples(self, split: str, parts):
-    stats = _SplitStats()
+    stats = split_stats.SplitStats()
     started = time.time()
     for sequence, positions in parts:
       for example in sequence.read_frames(positions):
@@ -266,12 +339,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         if stats.frames % 100 == 0:
           logging.info("record3d/%s %s: %d frames (%.1f s)", self.builder_config.name,
                        split, stats.frames, time.time() - started)
-        key = f"{example['sequence']}/{int(example['frame']):06d}"
-        yield key, example
+        yield beam_build.example_key(example), example
     summary = stats.summary()
     self.info.metadata["stats"][split] = summary
     logging.info("record3d/%s %s done in %.1f s: %s", self.builder_config.name, split,
                  time.time() - started, summary)
+
+  def _process_pipeline_result(self, pipeline_result):
+    """After a Beam build (on the launcher): the split statistics from metrics."""
+    for split, sequences in (getattr(self, "_beam_plan", None) or {}).items():
+      self.info.metadata["stats"][split] = split_stats.from_metrics(
+          pipeline_result, split, sequences)
+      logging.info("record3d/%s %s (Beam): %s", self.builder_config.name, split,
+                   self.info.metadata["stats"][split])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,47 +416,6 @@ class _SyntheticSequence:
     wanted = set(positions)
     for example in synthetic.render_sequence(
         self.plan.seed, self.plan.num_frames, self.image_size, self.depth_size,
-        name=self.plan.name):
+        name=self.plan.name, domain_name=self.plan.domain):
       if example["frame"] in wanted:
         yield example
-
-
-class _SplitStats:
-  """Running user-facing statistics of one split."""
-
-  def __init__(self):
-    self.frames = 0
-    self.sequences: set[str] = set()
-    self.depth_min = np.inf
-    self.depth_max = 0.0
-    self.depth_sum = 0.0
-    self.valid = 0
-    self.pixels = 0
-    self.image_sizes: set[tuple[int, int]] = set()
-    self.depth_sizes: set[tuple[int, int]] = set()
-
-  def add(self, example: dict) -> None:
-    depth = example["depth"]
-    valid = depth[depth > 0]
-    self.frames += 1
-    self.sequences.add(example["sequence"])
-    if valid.size:
-      self.depth_min = min(self.depth_min, float(valid.min()))
-      self.depth_max = max(self.depth_max, float(valid.max()))
-      self.depth_sum += float(valid.sum(dtype=np.float64))
-    self.valid += valid.size
-    self.pixels += depth.size
-    self.image_sizes.add(tuple(int(v) for v in example["image"].shape[:2]))
-    self.depth_sizes.add(tuple(int(v) for v in depth.shape))
-
-  def summary(self) -> dict:
-    return {
-        "frames": self.frames,
-        "sequences": len(self.sequences),
-        "depth_min_m": round(self.depth_min, 4) if self.valid else None,
-        "depth_max_m": round(self.depth_max, 4) if self.valid else None,
-        "depth_mean_m": round(self.depth_sum / self.valid, 4) if self.valid else None,
-        "valid_fraction": round(self.valid / max(self.pixels, 1), 4),
-        "image_sizes": sorted(self.image_sizes),
-        "depth_sizes": sorted(self.depth_sizes),
-    }

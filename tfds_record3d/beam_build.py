@@ -1,0 +1,108 @@
+"""Apache Beam generation of the `pairs` and `r3d` configs (TFDS' Beam rules).
+
+Used when the build is given Beam options (`tfds build ...
+--beam_pipeline_options=...`, or `DownloadConfig(beam_options=...)`); the
+builder's `_split_generators` then returns `split_transform(...)` per split
+instead of a Python generator, and TFDS runs them in one pipeline.
+
+Per split, the pipeline is
+  Create(one SequenceRef per capture part)       small: names and frame positions
+  | FlatMap(list_frames)     one capture per element: list it again (no decode)
+  | Reshuffle                spreads the frames over the workers
+  | Map(ReadFrame(split))    one frame per element: read, yield (key, example)
+so the job graph holds a few hundred bytes per capture, not the frame lists
+(Dataflow refuses graphs over ~10 MB; a million frames would be far more).
+
+The launcher has already checked every file (the builder's `_scan`, before
+anything is written). A worker re-lists its capture and refuses, naming it,
+when the frame count differs from what was checked (files changed during the
+build). Nothing here holds or mutates the builder: workers get only these
+small picklable objects. Split statistics come back as Beam metrics
+(split_stats.record_metrics / from_metrics).
+
+Beam is imported lazily (tfds.core.lazy_imports), so an in-process build
+never imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow_datasets as tfds
+
+from tfds_record3d import pairs_format
+from tfds_record3d import r3d_format
+from tfds_record3d import split_stats
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceRef:
+  """One capture's share of a split: the first stage's element."""
+  source: str  # "pairs" | "r3d"
+  name: str
+  location: str  # the sequence folder (pairs) or the .r3d file
+  manual_dir: str
+  positions: range  # frame positions in this split
+  frame_count: int  # frames the launcher's check found in the whole capture
+
+
+def sequence_refs(source: str, manual_dir, parts) -> list[SequenceRef]:
+  """parts: [(PairsSequence | R3dSequence, positions)] of one split."""
+  refs = []
+  for sequence, positions in parts:
+    location = sequence.folder if source == "pairs" else sequence.path
+    refs.append(SequenceRef(source, sequence.name, str(location), str(manual_dir),
+                            positions, len(sequence.frames)))
+  return refs
+
+
+def list_frames(ref: SequenceRef):
+  """The frame tasks of one capture part (runs on a worker)."""
+  if ref.source == "pairs":
+    sequence = pairs_format.load_sequence(ref.name, ref.location, ref.manual_dir)
+  else:
+    sequence = r3d_format.load_sequence(ref.location, ref.manual_dir)
+  if len(sequence.frames) != ref.frame_count:
+    raise ValueError(
+        f"{ref.location} changed since it was checked: it now holds "
+        f"{len(sequence.frames)} frames, {ref.frame_count} were checked; build again")
+  for position in ref.positions:
+    yield sequence.frame_task(position)
+
+
+def example_key(example: dict) -> str:
+  """The key of an example in both builds: unique per (sequence, frame)."""
+  return f"{example['sequence']}/{int(example['frame']):06d}"
+
+
+class ReadFrame:
+  """Reads one frame task into (key, example) and reports its statistics.
+
+  A plain callable (not a beam.DoFn subclass) so that this module imports
+  without Beam.
+  """
+
+  def __init__(self, split: str):
+    self.split = split
+
+  def __call__(self, task):
+    example = task.read()
+    split_stats.record_metrics(self.split, split_stats.frame_stats(example))
+    return example_key(example), example
+
+
+def split_transform(split: str, source: str, manual_dir, parts):
+  """The PTransform (no input -> (key, example)) generating one split."""
+  beam = tfds.core.lazy_imports.apache_beam
+  return (
+      beam.Create(sequence_refs(source, manual_dir, parts))
+      | "ListFrames" >> beam.FlatMap(list_frames)
+      | "Spread" >> beam.Reshuffle()
+      | "ReadFrames" >> beam.Map(ReadFrame(split)))
+
+
+def uses_beam(download_config) -> bool:
+  """Did the user ask for a Beam build (options or a runner)?"""
+  return bool(download_config is not None and
+              (download_config.beam_options is not None or
+               download_config.beam_runner is not None))
