@@ -20,25 +20,15 @@ from trainer import workdir
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def event_scalars(logdir: str, tag: str) -> dict:
-  """{step: value} of one scalar from TensorBoard event files."""
-  values = {}
-  for path in tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
-
-
 @pytest.fixture(scope="module")
 def all_stages(make_config, tmp_path_factory):
   """One `--stage=all` run (rough, gradient, finetune, export, report, predict)."""
-  config = make_config(tmp_path_factory.mktemp("all"))
+  config = make_config(tmp_path_factory.mktemp("all"), tflite=("float32", "int8"),
+                       tflite_calibration_examples=4)
   return config, stages.train_and_evaluate(config)
 
 
-def test_stage_all_runs_every_stage_and_writes_the_workdir(all_stages):
+def test_stage_all_runs_every_stage_and_writes_the_workdir(all_stages, event_scalars):
   config, results = all_stages
   assert list(results) == ["rough", "gradient", "finetune"]
   base = config.model_dir
@@ -56,7 +46,8 @@ def test_stage_all_runs_every_stage_and_writes_the_workdir(all_stages):
     assert np.isfinite(depth_metrics[name]), name
   assert "edge_rmse" in json.load(open(f"{base}/gradient/metrics.json"))
   for path in ("export/saved_model.pb", "rough/export/saved_model.pb", "results.md",
-               "comparison.png", "predict/outputs"):
+               "comparison.png", "predict/outputs", "export/depth_float32.tflite",
+               "export/depth_int8.tflite"):
     assert os.path.exists(f"{base}/{path}"), path
   table = open(f"{base}/results.md").read()
   assert "constant (train median" in table and "finetune (unet)" in table
@@ -133,7 +124,7 @@ def test_seed_architecture_trains_and_exports(make_config, tmp_path):
   assert json.load(open(f"{tmp_path}/export/depth2d.json"))["architecture"] == "seed"
 
 
-def test_loss_drops(make_config, tmp_path):
+def test_loss_drops(make_config, tmp_path, event_scalars):
   """Learning, not just running: the training loss falls clearly within 60 steps."""
   config = make_config(tmp_path, stage="rough", mode="train", train_steps=60,
                        steps_per_loop=5, log_every_steps=5, checkpoint_every_steps=60,
@@ -174,3 +165,15 @@ def test_float32_copy_has_identical_weights(all_stages):
   copy = export_lib.float32_copy(config, "finetune", results["finetune"].model)
   for a, b in zip(copy.weights, results["finetune"].model.weights):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_tflite_export_of_the_chain_matches_the_saved_model(all_stages):
+  """--tflite after --stage=all: the finetune chain, run by LiteRT, agrees with the SavedModel."""
+  from trainer import exported_model
+  config, _ = all_stages
+  images = np.random.default_rng(3).integers(0, 256, (2, 32, 24, 3), dtype=np.uint8)
+  saved = exported_model.load(f"{config.model_dir}/export")
+  lite = exported_model.load(f"{config.model_dir}/export/depth_float32.tflite")
+  assert lite.input_size == (32, 24)
+  for image in images:
+    np.testing.assert_allclose(lite.predict(image), saved.predict(image), atol=1e-3)

@@ -33,6 +33,8 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from trainer import errors
+
 ARCHITECTURES = ("mobilenet_v3", "resnet50")
 ENCODER_NAME = "encoder"  # the nested keras.Model holding the application's layers
 STRIDE = 32  # the deepest feature map's stride: inputs are padded to a multiple of it
@@ -43,7 +45,7 @@ DOWNLOAD_TIMEOUT_SECONDS = 30
 _KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
 
-class EncoderWeightsError(ValueError):
+class EncoderWeightsError(errors.UserInputError):
   """`--encoder_weights` cannot be honoured (missing, unreadable or mismatched weights)."""
 
 

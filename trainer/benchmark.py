@@ -291,10 +291,12 @@ def measure_train_step(config: Config, builder, strategy, policy: str, steps: in
   """Median seconds of one train step on a batch held in memory."""
   batch = one_real_batch(config, builder)
   # The real loop's own pieces: same model, optimizer, loss and distributed step.
-  model, optimizer = train.build_model_and_optimizer(config, STAGE_TIMED, strategy, policy)
+  model, optimizer, encoder_optimizer = train.build_model_and_optimizer(
+      config, STAGE_TIMED, strategy, policy)
   train_loop = train.make_train_loop(strategy, model, optimizer,
                                      train.stage_loss(config, STAGE_TIMED),
-                                     config.global_batch_size, jit_compile=jit_compile)
+                                     config.global_batch_size, jit_compile=jit_compile,
+                                     encoder_optimizer=encoder_optimizer)
   # The batch is repeated from memory, so the timing holds the step alone.
   dataset = strategy.distribute_datasets_from_function(
       lambda ctx: tf.data.Dataset.from_tensors(batch).repeat())

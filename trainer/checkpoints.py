@@ -17,6 +17,7 @@ and save on preemption.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from typing import TYPE_CHECKING, List, Optional
@@ -126,22 +127,63 @@ def restore_newest_readable(checkpoint: tf.train.Checkpoint, directory: str, con
   return None
 
 
-def init_finetune_from_rough(config: "Config", strategy: tf.distribute.Strategy,
-                             model: keras.Model) -> None:
-  """A fresh finetune run starts from the rough stage's latest checkpoint."""
+def init_finetune_from_rough(config: "Config", model: keras.Model, rough: keras.Model) -> None:
+  """A fresh finetune run starts from the rough stage's latest checkpoint, restored
+  into `rough` (a fresh rough network of this config, built in the strategy's scope)."""
   directory = workdir.checkpoint_dir(config, "rough")
-  with strategy.scope():
-    rough = models.build_network("rough", config.architecture, config.image_size)
-    latest = restore_newest_readable(tf.train.Checkpoint(model=rough), directory, config,
-                                     model_only=True)
-    if latest is None:
-      raise FileNotFoundError(
-          f"--finetune_init=rough starts the finetune net from the trained rough net, but "
-          f"{directory} has no checkpoint. Run --stage=rough first with the same --model_dir "
-          "(--stage=all does), or pass --finetune_init=scratch.")
-    copied = models.init_finetune_from_rough(rough, model)
+  latest = restore_newest_readable(tf.train.Checkpoint(model=rough), directory, config,
+                                   model_only=True)
+  if latest is None:
+    raise FileNotFoundError(
+        f"--finetune_init=rough starts the finetune net from the trained rough net, but "
+        f"{directory} has no checkpoint. Run --stage=rough first with the same --model_dir "
+        "(--stage=all does), or pass --finetune_init=scratch.")
+  copied = models.init_finetune_from_rough(rough, model)
   logging.info("finetune: body started from the rough net %s (%d variables; the gradient "
                "input's weights start at zero)", latest, copied)
+
+
+def init_from_dir(config: "Config", stage: str) -> str:
+  """The checkpoint folder --init_from names for `stage`; errors.UserInputError
+  (naming --init_from) when it has none for that stage, or was trained with
+  another --architecture or --image_size."""
+  base = config.init_from.rstrip("/")
+  candidates = [f"{base}/{stage}/checkpoints", base]  # a --model_dir, a stage's checkpoints
+  if base.rsplit("/", 1)[-1] == stage:
+    candidates.insert(1, f"{base}/checkpoints")  # the stage folder itself
+  directory = next((c for c in candidates if checkpoint_paths(c)), None)
+  if directory is None:
+    raise errors.UserInputError(
+        f"--init_from={config.init_from}: no checkpoint of stage {stage!r} there (looked in "
+        f"{', '.join(candidates)}); give a --model_dir that trained {stage}, or its "
+        f"{stage} folder")
+  # config.json of the run that wrote it: the model_dir above the checkpoints.
+  run_dir = directory[:-len(f"/{stage}/checkpoints")] if directory.endswith(
+      f"/{stage}/checkpoints") else None
+  if run_dir and tf.io.gfile.exists(f"{run_dir}/config.json"):
+    with tf.io.gfile.GFile(f"{run_dir}/config.json") as f:
+      stored = json.load(f)
+    for name, given in (("architecture", config.architecture),
+                        ("image_size", list(config.image_size))):
+      if name in stored and stored[name] != given:
+        raise errors.UserInputError(
+            f"--init_from={config.init_from} was trained with --{name}={stored[name]}, this "
+            f"run has --{name}={given}: its weights do not fit (or were meant for another "
+            f"size); train with the same --{name}, or pick another --init_from")
+  return directory
+
+
+def init_from_run(config: "Config", stage: str, model: keras.Model) -> str:
+  """Starts a fresh stage's weights from --init_from (the optimizer starts fresh)."""
+  directory = init_from_dir(config, stage)
+  try:
+    path = restore_newest_readable(tf.train.Checkpoint(model=model), directory, config,
+                                   model_only=True)
+  except errors.CheckpointError as e:
+    raise errors.UserInputError(f"--init_from={config.init_from}: {e}") from e
+  logging.info("%s: weights start from --init_from %s (step %d there); the optimizer starts "
+               "fresh", stage, path, checkpoint_step(path))
+  return path
 
 
 def restore_gradient_network(config: "Config", network: keras.Model) -> None:

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 from absl import flags
 
 # The choice lists live with what they choose; the flags take them from there.
+from trainer import backbones
 from trainer import checkpoints
 from trainer import depth_ops
 from trainer import distribute
@@ -19,6 +20,7 @@ from trainer import models
 from trainer import optimization
 from trainer import precision
 from trainer import stages
+from trainer import tflite_export
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +39,16 @@ class Config:
   max_depth: float = 10.0
   augment: bool = True
   shuffle_buffer: int = 256
+  # Which depth pixels count: confidence below this is invalid, like a hole.
+  min_confidence: int = 1
+  eval_min_confidence: Optional[int] = None  # None: --min_confidence
   # Model.
   stage: str = "all"
   architecture: str = "unet"
+  encoder_weights: str = "auto"  # resolved in __post_init__
   freeze_gradient: bool = True
   finetune_init: str = "rough"
+  init_from: Optional[str] = None
   # Optimisation.
   global_batch_size: int = 8
   train_steps: int = 500
@@ -50,6 +57,8 @@ class Config:
   warmup_steps: int = 50
   loss: str = "l1"
   gradient_matching_weight: float = 0.5
+  encoder_learning_rate_multiplier: float = 1.0
+  freeze_encoder_steps: int = 0
   seed: int = 0
   # Loop.
   mode: str = "train_and_eval"
@@ -66,11 +75,25 @@ class Config:
   num_devices: Optional[int] = None
   tpu: Optional[str] = None
   mixed_precision: str = "auto"
+  # Exports: the SavedModel always; TFLite files when asked.
+  tflite: Tuple[str, ...] = ()
+  tflite_input_size: Optional[Tuple[int, int]] = None  # None: --image_size
+  tflite_calibration_examples: int = 200
   # Demo chain after `--stage=all`: export, predict a few test images, report.
   num_predict_images: int = 4
   # Reruns on an existing --model_dir.
   config_mismatch: str = "error"
   rebuild_dataset: bool = False
+
+  def __post_init__(self):
+    if self.encoder_weights == "auto":  # ImageNet for a pretrained backbone, else none
+      object.__setattr__(self, "encoder_weights", "imagenet" if self.architecture in
+                         backbones.ARCHITECTURES else "none")
+
+  @property
+  def eval_confidence(self) -> int:
+    """The confidence below which ground truth is ignored by the metrics."""
+    return self.min_confidence if self.eval_min_confidence is None else self.eval_min_confidence
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -85,11 +108,15 @@ RESUMABLE_FIELDS = frozenset({
     "stage", "mode", "train_steps", "steps_per_loop", "log_every_steps", "eval_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "eval_split", "num_eval_examples",
     "num_image_summaries", "strategy", "num_devices", "tpu", "mixed_precision",
-    "num_predict_images", "config_mismatch", "rebuild_dataset",
+    "num_predict_images", "config_mismatch", "rebuild_dataset", "eval_min_confidence",
+    "tflite", "tflite_input_size", "tflite_calibration_examples",
+    # Only read when a stage starts from nothing: a resumed run ignores them.
+    "init_from",
 })
 # Settings that define only one stage's network: they block a rerun only once
 # that stage has a checkpoint.
 STAGE_FIELDS = {"finetune_init": "finetune", "freeze_gradient": "finetune"}
+CONFIDENCE_LEVELS = (0, 1, 2)  # Record3D: low, medium, high
 CONFIG_MISMATCH_CHOICES = ("error", "allow")
 
 
@@ -146,6 +173,14 @@ def define_flags() -> None:
                 "keep invalid (0) pixels from bleeding into valid ones.")
   f.DEFINE_float("min_depth", default.min_depth, "Depth below this (m) is invalid in losses and metrics.")
   f.DEFINE_float("max_depth", default.max_depth, "Depth above this (m) is invalid in losses and metrics.")
+  f.DEFINE_integer("min_confidence", default.min_confidence,
+                   "Depth pixels whose confidence (Record3D: 0 low, 1 medium, 2 high; 2 where "
+                   "the source has none) is below this are invalid in the losses and the "
+                   "metrics, like holes. 1 drops the LiDAR's low-confidence returns (edges, "
+                   "dark or glossy surfaces, far away); see README.")
+  f.DEFINE_integer("eval_min_confidence", default.eval_min_confidence,
+                   "The same for the metrics only (default: --min_confidence), so runs "
+                   "trained with different masks are scored alike.")
   f.DEFINE_bool("augment", default.augment, "Horizontal flip and colour jitter on training examples.")
   f.DEFINE_integer("shuffle_buffer", default.shuffle_buffer, "Training shuffle buffer (examples).")
   f.DEFINE_enum("stage", default.stage, stages.STAGE_CHOICES,
@@ -156,6 +191,16 @@ def define_flags() -> None:
   f.DEFINE_enum("architecture", default.architecture, models.ARCHITECTURES,
                 "seed: the notebook's body exactly (no downsampling, ~0.41 M MACs/pixel); "
                 "unet: encoder-decoder with skips, far cheaper (see README Performance).")
+  f.DEFINE_string("encoder_weights", default.encoder_weights,
+                  "mobilenet_v3 / resnet50: the encoder's starting weights: imagenet (Keras' "
+                  "file, downloaded or found in ~/.keras/models; see README for offline use), "
+                  "none (random), or a .weights.h5 / .keras file. auto: imagenet for those, "
+                  "none for seed / unet (which have no pretrained encoder).")
+  f.DEFINE_string("init_from", default.init_from,
+                  "Start each stage that has no checkpoint yet from the same stage of another "
+                  "run: a --model_dir (its <stage>/checkpoints) or a stage folder of one. "
+                  "Weights only; the optimizer starts fresh. Same --architecture and "
+                  "--image_size required.")
   f.DEFINE_bool("freeze_gradient", default.freeze_gradient,
                 "Finetune stage: keep the gradient net's weights fixed.")
   f.DEFINE_enum("finetune_init", default.finetune_init, checkpoints.FINETUNE_INITS,
@@ -173,6 +218,12 @@ def define_flags() -> None:
                 "scale-invariant log). The gradient stage always uses mse on Sobel edges.")
   f.DEFINE_float("gradient_matching_weight", default.gradient_matching_weight,
                  "Weight of the multi-scale gradient-matching term added to the depth loss.")
+  f.DEFINE_float("encoder_learning_rate_multiplier", default.encoder_learning_rate_multiplier,
+                 "mobilenet_v3 / resnet50: the encoder learns at --learning_rate times this "
+                 "(its own Adam); the decoder at --learning_rate.")
+  f.DEFINE_integer("freeze_encoder_steps", default.freeze_encoder_steps,
+                   "mobilenet_v3 / resnet50: the encoder stays fixed for the first N steps of "
+                   "each stage (decoder warm-up), then trains.")
   f.DEFINE_integer("seed", default.seed, "Random seed (weights, shuffling, augmentation).")
   f.DEFINE_enum("mode", default.mode, stages.MODES,
                 "train, eval (latest checkpoint), train_and_eval, or export (latest checkpoint "
@@ -198,6 +249,16 @@ def define_flags() -> None:
   f.DEFINE_string("tpu", default.tpu, "TPU name, or 'local' on a TPU VM.")
   f.DEFINE_enum("mixed_precision", default.mixed_precision, precision.CHOICES,
                 "auto: mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU.")
+  f.DEFINE_list("tflite", list(default.tflite),
+                "Also write <model_dir>/export/depth_<precision>.tflite for these precisions "
+                f"({', '.join(tflite_export.PRECISIONS)}): uint8 RGB in at "
+                "--tflite_input_size, depth in meters out, the finetune chain when it ran; "
+                "int8 is calibrated on training images. Works with --mode=export.")
+  f.DEFINE_string("tflite_input_size", None,
+                  "H,W of the TFLite files' fixed input (default --image_size); portrait or "
+                  "landscape.")
+  f.DEFINE_integer("tflite_calibration_examples", default.tflite_calibration_examples,
+                   "Training images that calibrate the int8 TFLite file.")
   f.DEFINE_integer("num_predict_images", default.num_predict_images,
                    "--stage=all: test images run through the exported model with trainer.predict.")
   f.DEFINE_enum("config_mismatch", default.config_mismatch, CONFIG_MISMATCH_CHOICES,
@@ -218,7 +279,11 @@ def config_from_flags(values: flags.FlagValues, model_dir: str,
   kwargs = {name: values[name].value for name in names if name in values}
   kwargs.update(model_dir=model_dir, checkpoint_dir=checkpoint_dir,
                 tensorboard_dir=tensorboard_dir,
-                image_size=parse_image_size(values.image_size))
+                image_size=parse_image_size(values.image_size),
+                tflite=tflite_export.parse_precisions(values.tflite) if values.tflite else (),
+                tflite_input_size=parse_image_size(values.tflite_input_size,
+                                                   "--tflite_input_size")
+                if values.tflite_input_size else None)
   config = Config(**kwargs)
   validate(config)
   return config
@@ -239,3 +304,23 @@ def validate(config: Config) -> None:
     raise ValueError("--eval_every_steps and --num_eval_examples must be >= 0")
   if config.warmup_steps < 0:
     raise ValueError(f"--warmup_steps must be >= 0, got {config.warmup_steps}")
+  if "int8" in config.tflite and config.tflite_calibration_examples < 1:
+    raise ValueError("--tflite=int8 needs --tflite_calibration_examples >= 1, got "
+                     f"{config.tflite_calibration_examples}")
+  for name in ("min_confidence", "eval_min_confidence"):
+    value = getattr(config, name)
+    if value is not None and value not in CONFIDENCE_LEVELS:
+      raise ValueError(f"--{name} must be 0, 1 or 2 (Record3D low, medium, high), got {value}")
+  if config.architecture in backbones.ARCHITECTURES:
+    if config.encoder_learning_rate_multiplier <= 0:
+      raise ValueError("--encoder_learning_rate_multiplier must be positive, got "
+                       f"{config.encoder_learning_rate_multiplier} (to hold the encoder still, "
+                       "use --freeze_encoder_steps)")
+    if config.freeze_encoder_steps < 0:
+      raise ValueError(f"--freeze_encoder_steps must be >= 0, got {config.freeze_encoder_steps}")
+  else:
+    backbones.check_no_encoder_weights(config.architecture, config.encoder_weights)
+    for name, neutral in (("encoder_learning_rate_multiplier", 1.0), ("freeze_encoder_steps", 0)):
+      if getattr(config, name) != neutral:
+        raise ValueError(f"--{name} is for the pretrained-backbone architectures "
+                         f"{backbones.ARCHITECTURES}, not --architecture={config.architecture}")

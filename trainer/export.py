@@ -15,8 +15,9 @@ from absl import logging
 import keras
 import tensorflow as tf
 
-from trainer import models
 from trainer import preprocessing
+from trainer import tflite_export
+from trainer import train
 
 if TYPE_CHECKING:
   from trainer.config import Config
@@ -54,8 +55,7 @@ def float32_copy(config: Config, stage: str, trained: keras.Model) -> keras.Mode
   previous = keras.mixed_precision.global_policy().name
   keras.mixed_precision.set_global_policy("float32")
   try:
-    network = models.build_stage_network(stage, config.architecture, config.image_size,
-                                         config.freeze_gradient)
+    network = train.stage_network(config, stage)  # no weights loaded: they are copied
   finally:
     keras.mixed_precision.set_global_policy(previous)
   network.set_weights(trained.get_weights())
@@ -77,3 +77,22 @@ def export_saved_model(config: Config, stage: str, trained: keras.Model, export_
                "max_depth": config.max_depth}, f, indent=2)
   logging.info("exported %s (%s) to %s", stage, config.architecture, export_dir)
   return export_dir
+
+
+def calibration_images(builder, count: int):
+  """The first `count` training images, uint8 [H, W, 3] as stored: what the phone
+  gives the TFLite file, which preprocesses them itself (in file order: the
+  same images on every run)."""
+  ds = builder.as_dataset(split="train", shuffle_files=False).take(count)
+  for example in ds.as_numpy_iterator():
+    yield example["image"]
+
+
+def export_tflite(config: Config, stage: str, trained: keras.Model, builder,
+                  export_dir: str) -> dict:
+  """--tflite: export_dir/depth_<precision>.tflite of the float32 network."""
+  return tflite_export.export_tflite(
+      float32_copy(config, stage, trained), config.image_size, config.max_depth, export_dir,
+      config.tflite, config.tflite_input_size,
+      calibration_images(builder, config.tflite_calibration_examples)
+      if "int8" in config.tflite else None)

@@ -32,17 +32,28 @@ AUTOTUNE = tf.data.AUTOTUNE
 # ----------------------------------------------------------------------------
 def preprocess(example: dict, config: Config, stage: str, training: bool,
                seed: Optional[tf.Tensor] = None) -> dict:
-  """Decoded TFDS example -> training tensors (see module docstring)."""
-  return finish_example(resize_example(example, config), stage, training and config.augment, seed)
+  """Decoded TFDS example -> training tensors (see module docstring). Ground
+  truth is masked with --min_confidence for training, the metrics' threshold
+  (--eval_min_confidence) otherwise."""
+  min_confidence = config.min_confidence if training else config.eval_confidence
+  return finish_example(resize_example(example, config, min_confidence), stage,
+                        training and config.augment, seed)
 
 
-def resize_example(example: dict, config: Config) -> dict:
-  """The deterministic part: {image [H,W,3] in [0,1], depth [H,W,1] meters, 0 invalid}."""
+def resize_example(example: dict, config: Config, min_confidence: int = 0) -> dict:
+  """The deterministic part: {image [H,W,3] in [0,1], depth [H,W,1] meters, 0 invalid}.
+
+  Depth outside (--min_depth, --max_depth), or whose `confidence` is below
+  `min_confidence`, is invalid BEFORE resizing, so it never mixes into valid
+  pixels at any size (depth_ops.resize_depth).
+  """
   image = preprocessing.network_input(example["image"], config.image_size)  # [H,W,3] in [0,1]
 
   depth = tf.cast(example["depth"], tf.float32)[..., None]  # [Hd,Wd,1]
-  in_range = (depth > config.min_depth) & (depth < config.max_depth)
-  depth = tf.where(in_range, depth, tf.zeros_like(depth))  # 0 = invalid from here on
+  valid = (depth > config.min_depth) & (depth < config.max_depth)
+  if min_confidence > 0 and "confidence" in example:
+    valid &= tf.cast(example["confidence"], tf.int32)[..., None] >= min_confidence
+  depth = tf.where(valid, depth, tf.zeros_like(depth))  # 0 = invalid from here on
   depth = depth_ops.resize_depth(depth, config.image_size, method=config.depth_resize)
   depth = tf.ensure_shape(depth, (*config.image_size, 1))
   return {"image": image, "depth": depth}
@@ -105,7 +116,8 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   read_config = tfds.ReadConfig(shuffle_seed=config.seed, try_autocache=False)
   ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
   ds = _shard(ds, input_context)
-  ds = ds.map(lambda ex: resize_example(ex, config), num_parallel_calls=AUTOTUNE)
+  ds = ds.map(lambda ex: resize_example(ex, config, config.min_confidence),
+              num_parallel_calls=AUTOTUNE)
   # Decoding and resizing are the same every epoch: cache their output when the
   # split fits in memory at the training size, and redo only augmentation and
   # targets per epoch.
@@ -175,7 +187,8 @@ def training_median_depth(config: Config, builder, max_examples: int = 300) -> f
   The constant baseline predicts it; fresh depth networks start their output at
   it. Cached: `--stage=all` needs it for both (config is a frozen dataclass)."""
   ds = builder.as_dataset(split="train", shuffle_files=False).take(max_examples)
-  ds = ds.map(lambda ex: preprocess(ex, config, "rough", False))
+  ds = ds.map(lambda ex: finish_example(resize_example(ex, config, config.min_confidence),
+                                        "rough", False))
   values = [ex["depth"][ex["mask"] > 0] for ex in ds.as_numpy_iterator()]
   values = np.concatenate(values) if values else np.zeros(0)
   if not values.size:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from absl import logging
 import tensorflow as tf
 
 from trainer import checkpoints
@@ -36,7 +37,8 @@ def stages_to_run(stage: str) -> tuple:
 def train_and_evaluate(config: "Config") -> dict:
   """Trains (and evaluates) each requested stage; returns {stage: StageResult}."""
   training = config.mode in ("train", "train_and_eval")
-  run = workdir.setup_run(config, stages_to_run(config.stage) if training else ())
+  run = workdir.setup_run(config, stages_to_run(config.stage) if training else (),
+                          preflight=train.preflight)
   try:
     return _run_stages(run)
   finally:
@@ -58,7 +60,7 @@ def _run_stages(run: workdir.Run) -> dict:
     if results[stage].preempted:
       return results
   if config.mode != "eval" and run.is_chief:
-    export_stages(config, results)
+    export_stages(config, results, run.builder)
   if config.stage == ALL and config.mode == "train_and_eval" and run.is_chief:
     # The demo chain: metrics table + comparison figure, then predict as a user would.
     report.write_report(config, run.builder, {s: r.metrics for s, r in results.items()})
@@ -66,19 +68,29 @@ def _run_stages(run: workdir.Run) -> dict:
   return results
 
 
-def export_stages(config: "Config", results: dict) -> None:
+def export_stages(config: "Config", results: dict, builder) -> None:
   """Each depth stage to <model_dir>/<stage>/export; the best chain to <model_dir>/export.
 
-  The best chain is finetune when it ran (it contains the gradient net), else rough.
+  The best chain is finetune when it ran (it contains the gradient net), else rough
+  unless this --model_dir already has a finetune net.
   """
   for stage, result in results.items():
     if stage != "gradient":
       export_lib.export_saved_model(config, stage, result.model,
                                     workdir.export_dir(config, stage))
   main_stage = "finetune" if "finetune" in results else "rough" if "rough" in results else None
+  if main_stage == "rough" and checkpoints.checkpoint_paths(
+      workdir.checkpoint_dir(config, "finetune")):
+    # A rerun of rough alone must not replace the finetune chain of an earlier run.
+    logging.info("%s holds the finetune chain of an earlier run: left as it is (rough's own "
+                 "export is in %s)", workdir.export_dir(config), workdir.export_dir(config, "rough"))
+    main_stage = None
   if main_stage:
     export_lib.export_saved_model(config, main_stage, results[main_stage].model,
                                   workdir.export_dir(config))
+    if config.tflite:
+      export_lib.export_tflite(config, main_stage, results[main_stage].model, builder,
+                               workdir.export_dir(config))
 
 
 def restore_stage_model(run: workdir.Run, stage: str):

@@ -19,8 +19,10 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from trainer import backbones
 from trainer import checkpoints
 from trainer import distribute
+from trainer import errors
 from trainer import evaluate
 from trainer import input_pipeline
 from trainer import losses
@@ -54,32 +56,73 @@ def stage_loss(config: "Config", stage: str):
   return losses.get_loss(config.loss, gradient_matching_weight=config.gradient_matching_weight)
 
 
+def stage_network(config: "Config", stage: str, initial_depth: Optional[float] = None,
+                  load_encoder_weights: bool = False) -> keras.Model:
+  """The stage's network as `config` defines it, fresh (no checkpoint restored).
+
+  A backbone's BatchNorm mode follows --encoder_weights whether or not the
+  weights are loaded (`load_encoder_weights`: only a stage that starts from
+  nothing loads them; a resumed or transferred one restores its own).
+  """
+  freeze_bn = None
+  if config.architecture in backbones.ARCHITECTURES:
+    freeze_bn = backbones.resolve_freeze_batch_norm(config.encoder_weights)
+  return models.build_stage_network(
+      stage, config.architecture, config.image_size, config.freeze_gradient, initial_depth,
+      encoder_weights=config.encoder_weights if load_encoder_weights else None,
+      freeze_encoder_batch_norm=freeze_bn)
+
+
 def build_stage_model(config: "Config", stage: str, restore_gradient: bool = True,
-                      initial_depth: Optional[float] = None) -> keras.Model:
+                      initial_depth: Optional[float] = None,
+                      load_encoder_weights: bool = False) -> keras.Model:
   """Builds the stage's network in the current (strategy) scope; for finetune,
   with the trained gradient network restored inside it."""
-  model = models.build_stage_network(stage, config.architecture, config.image_size,
-                                     config.freeze_gradient, initial_depth)
+  model = stage_network(config, stage, initial_depth, load_encoder_weights)
   if stage == "finetune" and restore_gradient:
     checkpoints.restore_gradient_network(config, models.gradient_subnetwork(model))
   return model
 
 
 def build_model_and_optimizer(config: "Config", stage: str, strategy: tf.distribute.Strategy,
-                              policy: str, initial_depth: Optional[float] = None):
-  """The stage's network and its Adam (loss-scaled for float16), in the strategy's scope."""
+                              policy: str, initial_depth: Optional[float] = None,
+                              load_encoder_weights: bool = False):
+  """The stage's network and its optimizers, in the strategy's scope.
+
+  optimizers: (main, encoder): Adam (loss-scaled for float16) for every
+  trainable variable, or, for a backbone with
+  --encoder_learning_rate_multiplier != 1, the main one for all but the
+  encoder and a second Adam at the multiplied rate for the encoder (Adam is
+  invariant to scaling the gradient, so the rate itself must differ).
+  """
   with strategy.scope():
-    model = build_stage_model(config, stage, initial_depth=initial_depth)
+    model = build_stage_model(config, stage, initial_depth=initial_depth,
+                              load_encoder_weights=load_encoder_weights)
     schedule = optimization.learning_rate_schedule(
         config.learning_rate, config.train_steps, config.lr_schedule, config.warmup_steps)
     optimizer = optimization.make_optimizer(schedule, policy)
-    optimizer.build(model.trainable_variables)
-  return model, optimizer
+    encoder = models.encoder_variables(model)
+    encoder_optimizer = None
+    if encoder and config.encoder_learning_rate_multiplier != 1.0:
+      if policy == "mixed_float16":
+        raise errors.UserInputError(
+            "--encoder_learning_rate_multiplier with --mixed_precision=mixed_float16 is not "
+            "supported (two loss scales); use mixed_bfloat16 or float32, or a multiplier of 1")
+      encoder_optimizer = optimization.make_optimizer(optimization.learning_rate_schedule(
+          config.learning_rate * config.encoder_learning_rate_multiplier, config.train_steps,
+          config.lr_schedule, config.warmup_steps), policy)
+      encoder_ids = {id(v) for v in encoder}
+      optimizer.build([v for v in model.trainable_variables if id(v) not in encoder_ids])
+      encoder_optimizer.build(encoder)
+    else:
+      optimizer.build(model.trainable_variables)
+  return model, optimizer, encoder_optimizer
 
 
 def make_train_loop(strategy: tf.distribute.Strategy, model: keras.Model,
                     optimizer: keras.optimizers.Optimizer, loss_fn, global_batch_size: int,
-                    jit_compile: bool = False):
+                    jit_compile: bool = False, encoder_optimizer=None,
+                    train_encoder: bool = True):
   """`train_loop(iterator, num_steps) -> mean loss`: the distributed train step,
   `num_steps` of them per tf.function call (host round trips are costly on TPU).
 
@@ -87,8 +130,18 @@ def make_train_loop(strategy: tf.distribute.Strategy, model: keras.Model,
   the Keras 3 optimizer sums the replicas' gradients: one step on N replicas is
   one step on one device with the same global batch. `jit_compile` compiles the
   step with XLA (the benchmark measures it; Keras' own "auto" leaves XLA off
-  under a strategy).
+  under a strategy). `train_encoder=False` leaves a backbone's encoder out of
+  the update (--freeze_encoder_steps); `encoder_optimizer` updates the encoder
+  at its own rate (--encoder_learning_rate_multiplier).
   """
+  encoder_ids = {id(v) for v in models.encoder_variables(model)}
+  rest = [v for v in model.trainable_variables if id(v) not in encoder_ids]
+  encoder = [v for v in model.trainable_variables if id(v) in encoder_ids]
+  if encoder_optimizer is None:
+    groups = [(optimizer, rest + encoder if train_encoder else rest)]
+  else:
+    groups = [(optimizer, rest)] + ([(encoder_optimizer, encoder)] if train_encoder else [])
+  variables = [v for _, group in groups for v in group]
 
   def step_fn(batch):
     with tf.GradientTape() as tape:
@@ -96,8 +149,9 @@ def make_train_loop(strategy: tf.distribute.Strategy, model: keras.Model,
       per_example = loss_fn(batch["target"], prediction, batch["target_mask"])
       loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
       scaled = optimizer.scale_loss(loss)  # loss scaling for float16, identity otherwise
-    grads = tape.gradient(scaled, model.trainable_variables)
-    optimizer.apply_gradients(zip(grads, model.trainable_variables))  # all-reduces
+    grads = iter(tape.gradient(scaled, variables))
+    for opt, group in groups:
+      opt.apply_gradients(zip([next(grads) for _ in group], group))  # all-reduces
     return loss
 
   if jit_compile:
@@ -119,20 +173,49 @@ def steps_until_boundary(step: int, config: "Config") -> int:
   intervals = [config.log_every_steps, config.checkpoint_every_steps]
   if config.eval_every_steps:
     intervals.append(config.eval_every_steps)
-  next_stop = min([config.train_steps] + [(step // n + 1) * n for n in intervals])
+  stops = [config.train_steps] + [(step // n + 1) * n for n in intervals]
+  if step < config.freeze_encoder_steps:  # the encoder starts to train there
+    stops.append(config.freeze_encoder_steps)
+  next_stop = min(stops)
   return max(1, min(config.steps_per_loop, next_stop - step))
 
 
-def _initial_depth(run: "Run", stage: str, resuming: bool) -> Optional[float]:
+def _initial_depth(run: "Run", stage: str) -> Optional[float]:
   """A fresh rough (or scratch finetune) net starts its output at the training
-  median depth; resumed and rough-initialised networks keep their weights."""
-  config = run.config
-  if resuming or not (stage == "rough" or (stage == "finetune"
-                                           and config.finetune_init == "scratch")):
+  median depth; the gradient net predicts edges, not depth."""
+  if stage == "gradient":
     return None
-  depth = input_pipeline.training_median_depth(config, run.builder)
+  depth = input_pipeline.training_median_depth(run.config, run.builder)
   logging.info("%s: the output layer starts at the training median depth, %.3f m", stage, depth)
   return depth
+
+
+def _how_to_start(config: "Config", stage: str, ckpt_dir: str) -> str:
+  """resume (own checkpoint), init_from (--init_from), rough (finetune from this
+  run's rough net) or fresh (initial depth; encoder weights loaded)."""
+  if checkpoints.checkpoint_paths(ckpt_dir):  # always the chief's copy
+    return "resume"
+  if config.init_from:
+    return "init_from"
+  if stage == "finetune" and config.finetune_init == "rough":
+    return "rough"
+  return "fresh"
+
+
+def preflight(config: "Config", stages) -> None:
+  """What training `stages` will read from outside --model_dir, checked before
+  anything is written: --init_from's checkpoints and --encoder_weights (the
+  encoder is built once and the weights loaded into it)."""
+  weights_checked = False
+  for stage in stages:
+    start = _how_to_start(config, stage, workdir.checkpoint_dir(config, stage))
+    if start == "init_from":
+      checkpoints.init_from_dir(config, stage)
+    if (start == "fresh" and not weights_checked and config.architecture in backbones.ARCHITECTURES
+        and backbones.normalize_encoder_weights(config.encoder_weights) is not None):
+      backbones.load_encoder_weights(backbones.build_backbone(config.architecture),
+                                     config.architecture, config.encoder_weights)
+      weights_checked = True
 
 
 def train_stage(run: "Run", stage: str) -> StageResult:
@@ -144,22 +227,45 @@ def train_stage(run: "Run", stage: str) -> StageResult:
       lambda ctx: input_pipeline.train_dataset(config, stage, run.builder, ctx))
 
   # --- Model, optimizer, checkpoint: resume, or start as the stage says.
-  resuming = bool(checkpoints.checkpoint_paths(ckpt_dir))  # always the chief's copy
-  model, optimizer = build_model_and_optimizer(config, stage, strategy, run.policy,
-                                               _initial_depth(run, stage, resuming))
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+  start = _how_to_start(config, stage, ckpt_dir)
+  model, optimizer, encoder_optimizer = build_model_and_optimizer(
+      config, stage, strategy, run.policy,
+      initial_depth=_initial_depth(run, stage) if start == "fresh" else None,
+      load_encoder_weights=start == "fresh")
+  optimizers = {"optimizer": optimizer}
+  if encoder_optimizer is not None:
+    optimizers["encoder_optimizer"] = encoder_optimizer
+  checkpoint = tf.train.Checkpoint(model=model, **optimizers)
   write_dir = distribute.worker_write_dir(ckpt_dir, strategy)
   manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=config.keep_checkpoints)
-  latest = checkpoints.restore_newest_readable(checkpoint, ckpt_dir, config) if resuming else None
-  if latest:
+  if start == "resume":
+    latest = checkpoints.restore_newest_readable(checkpoint, ckpt_dir, config)
     # A stable line (README "Log lines").
     logging.info("%s: resumed from %s at step %d", stage, latest, int(optimizer.iterations))
-  elif stage == "finetune" and config.finetune_init == "rough":
-    checkpoints.init_finetune_from_rough(config, strategy, model)
+  elif start == "init_from":
+    with strategy.scope():
+      checkpoints.init_from_run(config, stage, model)
+      if stage == "finetune":  # its gradient net is this run's, not the other run's
+        checkpoints.restore_gradient_network(config, models.gradient_subnetwork(model))
+  elif start == "rough":
+    with strategy.scope():
+      checkpoints.init_finetune_from_rough(config, model, stage_network(config, "rough"))
   step = int(optimizer.iterations.numpy())
   global_batch = config.global_batch_size
-  train_loop = make_train_loop(strategy, model, optimizer, stage_loss(config, stage),
-                               global_batch)
+  loss_fn = stage_loss(config, stage)
+  loops = {}
+
+  def train_loop_at(step: int):
+    """The train loop of this step: with or without the encoder (--freeze_encoder_steps)."""
+    train_encoder = step >= config.freeze_encoder_steps
+    if train_encoder not in loops:
+      if not train_encoder:
+        logging.info("%s: the encoder stays fixed until step %d (--freeze_encoder_steps)",
+                     stage, config.freeze_encoder_steps)
+      loops[train_encoder] = make_train_loop(strategy, model, optimizer, loss_fn, global_batch,
+                                             encoder_optimizer=encoder_optimizer,
+                                             train_encoder=train_encoder)
+    return loops[train_encoder]
 
   def save(reason: str) -> None:
     path = manager.save(checkpoint_number=optimizer.iterations)
@@ -182,6 +288,7 @@ def train_stage(run: "Run", stage: str) -> StageResult:
     with checkpoints.SigtermFlag() as sigterm, writer.as_default():
       while step < config.train_steps:
         num_steps = steps_until_boundary(step, config)
+        train_loop = train_loop_at(step)
         if preemption is not None:
           loss = preemption.run(train_loop, iterator, tf.constant(num_steps))
         else:

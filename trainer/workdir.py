@@ -135,10 +135,11 @@ def write_config(config: "Config", changes: dict) -> None:
     f.write(previous + json.dumps(entry, sort_keys=True) + "\n")
 
 
-def setup_run(config: "Config", train_stages=()) -> Run:
-  """Checks the workdir, sets up strategy and precision, locks the stage folders
-  it will train (`train_stages`), prepares the dataset and writes the resolved
-  config; logs the derived numbers. Call `release(run)` at the end."""
+def setup_run(config: "Config", train_stages=(), preflight=None) -> Run:
+  """Checks the workdir, sets up strategy and precision, runs `preflight(config,
+  train_stages)` (checks of what training will read), locks the stage folders
+  it will train, prepares the dataset and writes the resolved config; logs the
+  derived numbers. Call `release(run)` at the end."""
   changes = check_stored_config(config)  # before anything is built or written
   strategy = distribute.get_distribution_strategy(
       config.strategy, num_devices=config.num_devices, tpu=config.tpu)
@@ -148,6 +149,8 @@ def setup_run(config: "Config", train_stages=()) -> Run:
   info = distribute.describe(strategy)
   per_replica = distribute.replica_batch_size(config.global_batch_size, info["replicas"])
   is_chief = info["chief"]
+  if preflight is not None:  # after the strategy: building layers first breaks multi-worker
+    preflight(config, train_stages)
   locks = []
   try:
     for stage in train_stages:  # before the dataset is built or config.json written

@@ -1,0 +1,195 @@
+r"""Generalisation to rooms a network never saw: the transfer study, one command.
+
+  python -m trainer.transfer_study --workdir=runs/study              # ~1 h on 2 CPU cores
+  python -m trainer.transfer_study --workdir=runs/study --recipes=unet_scratch,unet_transfer
+
+A small target training set (`record3d/synthetic_target`: rooms of another
+style, a few hundred frames, like a user's first captures) is trained on with
+each recipe for the same budget, `--stage=all` (rough, gradient, finetune),
+and every network is scored on the target's held-out rooms (its validation and
+test splits are whole sequences no training run saw). The source runs
+(`record3d/synthetic`, the other domain) are trained first, once per
+architecture, and the `*_transfer` recipes start every stage from them
+(`--init_from`). All runs are the trainer's own (`stages.train_and_evaluate`);
+every metric is scored with the same ground-truth mask
+(`--eval_min_confidence`), whatever a recipe trains with, so the rows compare.
+
+Writes `<workdir>/study.json` (every run, stage, split and metric, metric and
+median-scaled) and `<workdir>/study.md` (means over seeds); each run keeps its
+own `--model_dir` under `<workdir>/runs/`, so a rerun resumes and skips what
+is done.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import config as config_lib
+from trainer import progress as progress_lib
+from trainer import stages
+
+SOURCE_DATASET = "record3d/synthetic"
+TARGET_DATASET = "record3d/synthetic_target"
+DEPTH_STAGES = ("rough", "finetune")
+SPLITS = ("validation", "test")
+SHOWN = ("abs_rel", "rmse", "delta1")
+
+# name -> (overrides of the target run; "source": architecture whose source run
+# --init_from names, or None). Every recipe trains --stage=all.
+RECIPES = {
+    "unet_scratch": ({"architecture": "unet"}, None),
+    "unet_transfer": ({"architecture": "unet"}, "unet"),
+    "mobilenet_v3_scratch": ({"architecture": "mobilenet_v3", "encoder_weights": "none"}, None),
+    "mobilenet_v3_transfer": ({"architecture": "mobilenet_v3", "encoder_weights": "none"},
+                              "mobilenet_v3"),
+    "unet_transfer_conf0": ({"architecture": "unet", "min_confidence": 0}, "unet"),
+    "unet_transfer_conf2": ({"architecture": "unet", "min_confidence": 2}, "unet"),
+    "unet_scratch_conf0": ({"architecture": "unet", "min_confidence": 0}, None),
+    "unet_transfer_silog": ({"architecture": "unet", "loss": "silog"}, "unet"),
+}
+DEFAULT_RECIPES = ("unet_scratch", "unet_transfer", "mobilenet_v3_scratch",
+                   "mobilenet_v3_transfer", "unet_transfer_conf0", "unet_scratch_conf0")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Folder of the study: runs/, study.json, study.md.")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir (both datasets are built there if missing).")
+flags.DEFINE_list("recipes", list(DEFAULT_RECIPES), f"Recipes to run, of {sorted(RECIPES)}.")
+flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every target recipe (--seed).")
+flags.DEFINE_string("image_size", "64,48", "H,W of every run.")
+flags.DEFINE_integer("train_steps", 300, "Steps per stage of each target run (the budget).")
+flags.DEFINE_integer("source_train_steps", 600, "Steps per stage of each source run.")
+flags.DEFINE_integer("global_batch_size", 8, "Batch of every run.")
+flags.DEFINE_integer("eval_min_confidence", 2,
+                     "Ground truth below this confidence is ignored by every score, so runs "
+                     "trained with other --min_confidence values compare.")
+
+
+def base_config(model_dir: str, dataset: str, seed: int, steps: int, **overrides):
+  values = dict(model_dir=model_dir, dataset=dataset, data_dir=FLAGS.data_dir,
+                image_size=config_lib.parse_image_size(FLAGS.image_size),
+                global_batch_size=FLAGS.global_batch_size, train_steps=steps, seed=seed,
+                stage="all", mode="train", eval_min_confidence=FLAGS.eval_min_confidence,
+                num_predict_images=0, log_every_steps=100, checkpoint_every_steps=steps)
+  values.update(overrides)
+  config = config_lib.Config(**values)
+  config_lib.validate(config)
+  return config
+
+
+def train_and_score(config) -> dict:
+  """Trains (or resumes) --stage=all, then scores the depth stages on each split:
+  {split: {stage: metrics}}."""
+  stages.train_and_evaluate(config)
+  scores = {}
+  for split in SPLITS:
+    results = stages.train_and_evaluate(dataclasses.replace(config, mode="eval",
+                                                            eval_split=split))
+    scores[split] = {stage: results[stage].metrics for stage in DEPTH_STAGES}
+  keras.backend.clear_session()  # the next run builds its own graphs
+  return scores
+
+
+def _row_values(metrics: dict) -> dict:
+  out = {name: metrics[name] for name in SHOWN}
+  out.update({f"ms_{name}": metrics["median_scaled"][name] for name in SHOWN}
+             if "median_scaled" in metrics else {})
+  return out
+
+
+def summary_table(runs: list, split: str) -> str:
+  """Markdown: one row per (recipe, stage), means over seeds (and the seeds' range)."""
+  columns = ["abs_rel", "rmse", "delta1", "ms_abs_rel", "ms_rmse", "ms_delta1"]
+  lines = [f"| recipe | stage | seeds | {' | '.join(columns)} |",
+           "|---|---|---|" + "---|" * len(columns)]
+  recipes = list(dict.fromkeys(r["recipe"] for r in runs))
+  for recipe in recipes:
+    for stage in DEPTH_STAGES:
+      values = [_row_values(r["scores"][split][stage]) for r in runs if r["recipe"] == recipe]
+      cells = []
+      for column in columns:
+        column_values = [v[column] for v in values if column in v]
+        cells.append(f"{np.mean(column_values):.3f}" if column_values else "-")
+      seeds = ",".join(str(r["seed"]) for r in runs if r["recipe"] == recipe)
+      lines.append(f"| {recipe} | {stage} | {seeds} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  unknown = [r for r in FLAGS.recipes if r not in RECIPES]
+  if unknown:
+    raise app.UsageError(f"--recipes: unknown {unknown}; valid {sorted(RECIPES)}")
+  seeds = [int(s) for s in FLAGS.seeds]
+  sources = sorted({RECIPES[r][1] for r in FLAGS.recipes} - {None})
+  total = len(sources) + len(FLAGS.recipes) * len(seeds)
+  progress = progress_lib.Progress("transfer study", total, unit="runs", every_seconds=0)
+  logging.info("transfer study: %d source run(s) %s, %d recipe(s) x %d seed(s); %s, %d steps "
+               "per stage (source %d), batch %d, scored with confidence >= %d",
+               len(sources), sources, len(FLAGS.recipes), len(seeds), FLAGS.image_size,
+               FLAGS.train_steps, FLAGS.source_train_steps, FLAGS.global_batch_size,
+               FLAGS.eval_min_confidence)
+  runs_dir = os.path.join(FLAGS.workdir, "runs")
+  source_dirs = {}
+  for architecture in sources:
+    overrides = dict(RECIPES[f"{architecture}_scratch"][0]) if (
+        f"{architecture}_scratch" in RECIPES) else {"architecture": architecture}
+    config = base_config(os.path.join(runs_dir, f"source_{architecture}"), SOURCE_DATASET, 0,
+                         FLAGS.source_train_steps, **overrides)
+    started = time.time()
+    stages.train_and_evaluate(config)
+    keras.backend.clear_session()
+    source_dirs[architecture] = config.model_dir
+    progress.update(add=1, suffix=f"source {architecture} in {time.time() - started:.0f}s")
+
+  runs = []
+  for recipe in FLAGS.recipes:
+    overrides, source = RECIPES[recipe]
+    for seed in seeds:
+      extra = dict(overrides)
+      if source:
+        extra["init_from"] = source_dirs[source]
+      config = base_config(os.path.join(runs_dir, f"{recipe}_seed{seed}"), TARGET_DATASET,
+                           seed, FLAGS.train_steps, **extra)
+      started = time.time()
+      scores = train_and_score(config)
+      runs.append({"recipe": recipe, "seed": seed, "model_dir": config.model_dir,
+                   "overrides": extra, "seconds": time.time() - started, "scores": scores})
+      test = scores["test"]
+      progress.update(add=1, suffix=(
+          f"{recipe} seed {seed}: test abs_rel rough {test['rough']['abs_rel']:.3f} / finetune "
+          f"{test['finetune']['abs_rel']:.3f}"))
+      _write(runs, source_dirs)  # after every run: an interrupted study keeps its results
+  logging.info("study written to %s/study.md", FLAGS.workdir)
+
+
+def _write(runs: list, source_dirs: dict) -> None:
+  tf.io.gfile.makedirs(FLAGS.workdir)
+  settings = {"image_size": FLAGS.image_size, "train_steps": FLAGS.train_steps,
+              "source_train_steps": FLAGS.source_train_steps,
+              "global_batch_size": FLAGS.global_batch_size,
+              "eval_min_confidence": FLAGS.eval_min_confidence, "source_runs": source_dirs,
+              "target": TARGET_DATASET, "source": SOURCE_DATASET}
+  with tf.io.gfile.GFile(os.path.join(FLAGS.workdir, "study.json"), "w") as f:
+    json.dump({"settings": settings, "runs": runs}, f, indent=2, sort_keys=True)
+  text = [f"# Transfer study: {TARGET_DATASET}, held-out rooms", "",
+          f"{FLAGS.image_size}, {FLAGS.train_steps} steps per stage (source runs "
+          f"{FLAGS.source_train_steps} on {SOURCE_DATASET}), batch {FLAGS.global_batch_size}, "
+          f"scored where confidence >= {FLAGS.eval_min_confidence}; ms_ = median-scaled.", ""]
+  for split in SPLITS:
+    text += [f"## {split}", "", summary_table(runs, split), ""]
+  with tf.io.gfile.GFile(os.path.join(FLAGS.workdir, "study.md"), "w") as f:
+    f.write("\n".join(text))
+
+
+if __name__ == "__main__":
+  app.run(main)
