@@ -137,3 +137,20 @@ def bad_input():
   return types.SimpleNamespace(
       IMAGE_SIZE=IMAGE_SIZE, DEPTH_SIZE=DEPTH_SIZE, frames=_frames, pairs_dir=_pairs_dir,
       r3d_dir=_r3d_dir, build=_build, expect_error=_expect_error, rewrite_zip=_rewrite_zip)
+
+
+@pytest.fixture
+def event_scalars():
+  """event_scalars(logdir, tag) -> {step: value} of one scalar from TensorBoard event files."""
+  import tensorflow as tf
+
+  def event_scalars(logdir: str, tag: str) -> dict:
+    """{step: value} of one scalar from TensorBoard event files."""
+    values = {}
+    for path in tf.io.gfile.glob(os.path.join(logdir, "events.out.tfevents.*")):
+      for event in tf.compat.v1.train.summary_iterator(path):
+        for value in event.summary.value:
+          if value.tag == tag:
+            values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+  return event_scalars

@@ -1,7 +1,8 @@
 """The comparison a person looks at after `--stage=all`.
 
 `<model_dir>/results.md` (+ results.json): the metrics table (rough, finetune
-and a constant predictor: the training split's median depth), and
+and a constant predictor: the training split's median depth) on metric depth,
+and a second table of the same after per-image median scaling, and
 `<model_dir>/comparison.png`: one row per test image, columns RGB | ground
 truth | rough | finetune, one colour scale per row with its colour bar in
 meters, each prediction titled with its abs_rel. Then `trainer.predict` runs
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import TYPE_CHECKING, Dict, Sequence
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
 
 from absl import logging
 import matplotlib
@@ -42,10 +43,10 @@ def constant_predictor_metrics(config: Config, builder, value: float) -> dict:
   sums = {}
   for batch in input_pipeline.eval_dataset(config, "rough", builder):
     prediction = tf.fill(tf.shape(batch["depth"]), value)
-    per_image = metrics_lib.depth_metrics(batch["depth"], prediction, config.min_depth,
-                                          config.max_depth)
+    per_image = metrics_lib.with_median_scaled(batch["depth"], prediction, config.min_depth,
+                                               config.max_depth)
     sums = metrics_lib.accumulate(sums, {k: v.numpy() for k, v in per_image.items()})
-  return metrics_lib.finalize(sums)
+  return metrics_lib.nest_median_scaled(metrics_lib.finalize(sums))
 
 
 def metrics_table(rows: Dict[str, dict], names: Sequence[str] = TABLE_METRICS) -> str:
@@ -56,6 +57,12 @@ def metrics_table(rows: Dict[str, dict], names: Sequence[str] = TABLE_METRICS) -
     cells = [f"{values[n]:.4f}" if isinstance(values.get(n), float) else "-" for n in names]
     lines.append(f"| {label} | " + " | ".join(cells) + f" | {values.get('num_images', '-')} |")
   return "\n".join(lines)
+
+
+def median_scaled_table(rows: Dict[str, dict], names: Sequence[str] = TABLE_METRICS) -> str:
+  """The same table for each row's "median_scaled" metrics (rows without them: "-")."""
+  return metrics_table({label: values.get(metrics_lib.MEDIAN_SCALED, {})
+                        for label, values in rows.items()}, names)
 
 
 def comparison_figure(samples: Dict[str, dict], config: Config, path: str) -> None:
@@ -97,11 +104,99 @@ def comparison_figure(samples: Dict[str, dict], config: Config, path: str) -> No
     figure.colorbar(shown, ax=list(row), shrink=0.9, extend="both", label="depth (m)")
   figure.suptitle(f"{config.dataset}, split {config.eval_split}: {count} images at "
                   f"{height}x{width} (black: no ground truth)")
+  save_figure(figure, path)
+
+
+def save_figure(figure, path: str) -> None:
+  """PNG at 100 dpi to any tf.io.gfile path (gs:// too); closes the figure."""
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", dpi=100)
   plt.close(figure)
   with tf.io.gfile.GFile(path, "wb") as f:
     f.write(buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------
+# The figures of `python -m trainer.evaluate` (evaluate.evaluate_export).
+# ----------------------------------------------------------------------------
+def errors_by_depth_figure(errors: Optional[dict], edges: np.ndarray, name: str,
+                           num_images: int, path: str) -> None:
+  """abs_rel and rmse against ground-truth distance, metric and median-scaled, and
+  the share of pixels per bin. errors: evaluate.depth_bin_errors (arrays [K] per
+  bin of `edges` [K+1] m), None when no pixel was valid."""
+  figure, axes = plt.subplots(3, 1, sharex=True, figsize=(7.5, 8.0), constrained_layout=True,
+                              gridspec_kw={"height_ratios": [3, 3, 1.6]})
+  width = float(edges[1] - edges[0])
+  figure.suptitle(f"{name}: errors by ground-truth distance\n({num_images} images, pixels "
+                  f"pooled in {width:.2g} m bins)")
+  if errors is None or not np.any(errors["count"] > 0):
+    for axis in axes:
+      axis.text(0.5, 0.5, "no valid ground truth", ha="center", va="center",
+                transform=axis.transAxes)
+    save_figure(figure, path)
+    return
+  used = errors["count"] > 0
+  centres = (0.5 * (edges[:-1] + edges[1:]))[used]
+  for axis, metric, label in ((axes[0], "abs_rel", "abs_rel (|p - g| / g)"),
+                              (axes[1], "rmse", "rmse (m)")):
+    axis.plot(centres, errors[metric][used], "o-", label="metric depth")
+    axis.plot(centres, errors[f"scaled_{metric}"][used], "s--",
+              label="median-scaled per image")
+    axis.set_ylabel(label)
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend()
+  axes[0].set_title("relative error")
+  axes[1].set_title("root mean squared error")
+  share = 100.0 * errors["count"][used] / errors["count"].sum()
+  axes[2].bar(centres, share, width=0.9 * width, color="grey")
+  axes[2].set_ylabel("pixels (%)")
+  axes[2].set_title("valid ground-truth pixels per bin")
+  axes[2].set_xlabel("ground-truth depth (m)")
+  axes[2].grid(alpha=0.3)
+  save_figure(figure, path)
+
+
+def extremes_figure(worst: Sequence[dict], best: Sequence[dict], title: str, path: str) -> None:
+  """Rows of RGB | ground truth | prediction | error map for the worst then the best
+  images by abs_rel. Each item: {"rgb" uint8 [H,W,3], "truth" [h,w] m (0: invalid),
+  "prediction" [h,w] m, "sequence", "frame", "values": the image's metrics}."""
+  rows = [("worst", i, item) for i, item in enumerate(worst, 1)] + \
+         [("best", i, item) for i, item in enumerate(best, 1)]
+  if not rows:
+    figure = plt.figure(figsize=(6, 2))
+    figure.text(0.5, 0.5, f"{title}: no image with valid ground truth", ha="center")
+    save_figure(figure, path)
+    return
+  height, width = rows[0][2]["truth"].shape
+  figure, axes = plt.subplots(
+      len(rows), 4, squeeze=False, constrained_layout=True,
+      figsize=(4 * FIGURE_TILE_INCHES + 1.6, FIGURE_TILE_INCHES * height / width * len(rows) + 0.8))
+  depth_cmap = matplotlib.colormaps["turbo"].with_extremes(bad="black")
+  error_cmap = matplotlib.colormaps["magma"].with_extremes(bad="black")
+  for row, (kind, rank, item) in zip(axes, rows):
+    truth, prediction = item["truth"], item["prediction"]
+    valid = np.isfinite(truth) & (truth > 0)
+    vmin, vmax = depth_ops.depth_range(truth)  # one scale per row: the ground truth's
+    error = np.where(valid, np.abs(prediction - truth), np.nan)
+    values = item["values"]
+    row[0].imshow(item["rgb"])
+    row[0].set_ylabel(f"{kind} {rank}\n{item['sequence']} #{item['frame']}", fontsize=9)
+    shown = row[1].imshow(np.where(valid, truth, np.nan), cmap=depth_cmap, vmin=vmin, vmax=vmax)
+    row[2].imshow(prediction, cmap=depth_cmap, vmin=vmin, vmax=vmax)
+    row[2].set_title(f"abs_rel {values['abs_rel']:.3f}, rmse {values['rmse']:.3f} m\n"
+                     f"median-scaled abs_rel {values['median_scaled/abs_rel']:.3f}", fontsize=8)
+    errors_shown = row[3].imshow(error, cmap=error_cmap, vmin=0.0,
+                                 vmax=max(float(np.nanmax(error)), 1e-3))
+    for axis in row:
+      axis.set_xticks([])
+      axis.set_yticks([])
+    figure.colorbar(shown, ax=[row[1], row[2]], shrink=0.9, extend="both", label="depth (m)")
+    figure.colorbar(errors_shown, ax=row[3], shrink=0.9, label="|prediction - truth| (m)")
+  for axis, label in zip(axes[0], ("RGB", "ground truth", "prediction", "error")):
+    axis.set_title(f"{label}\n{axis.get_title()}" if axis.get_title() else label, fontsize=9)
+  figure.suptitle(f"{title}: worst and best images by abs_rel (black: no ground truth)")
+  save_figure(figure, path)
 
 
 def _load_samples(path: str) -> dict:
@@ -117,17 +212,22 @@ def write_report(config: Config, builder, stage_metrics: Dict[str, dict]) -> str
     if stage in stage_metrics:
       rows[f"{stage} ({config.architecture})"] = stage_metrics[stage]
   table = metrics_table(rows)
+  scaled_table = median_scaled_table(rows)
   base = workdir.root(config)
   with tf.io.gfile.GFile(f"{base}/results.md", "w") as f:
     f.write(f"# {config.dataset}, split {config.eval_split}, image {config.image_size[0]}x"
-            f"{config.image_size[1]}, {config.train_steps} steps per stage\n\n{table}\n")
+            f"{config.image_size[1]}, {config.train_steps} steps per stage\n\n"
+            f"## Metric depth\n\n{table}\n\n"
+            "## Median-scaled (each prediction times median(truth) / median(prediction) "
+            f"over its image's valid pixels)\n\n{scaled_table}\n")
   with tf.io.gfile.GFile(f"{base}/results.json", "w") as f:
     json.dump(rows, f, indent=2, sort_keys=True)
   samples = {stage: _load_samples(f"{workdir.stage_dir(config, stage)}/samples.npz")
              for stage in REPORT_STAGES if stage in stage_metrics}
   if samples:
     comparison_figure(samples, config, f"{base}/comparison.png")
-  logging.info("results (%s/results.md, figure in %s/comparison.png):\n%s", base, base, table)
+  logging.info("results (%s/results.md, figure in %s/comparison.png):\n%s\nmedian-scaled:\n%s",
+               base, base, table, scaled_table)
   return table
 
 
