@@ -33,7 +33,14 @@ LITERT = [
     "ai-edge-litert>=1.1.2,<3",
 ]
 
-TEST = CLOUD + LITERT + [
+# trainer.predict's depth videos and video inputs; imageio-ffmpeg ships its own
+# ffmpeg binary (tested: imageio 2.38.2, imageio-ffmpeg 0.8.1).
+VIDEO = [
+    "imageio>=2.31,<3",
+    "imageio-ffmpeg>=0.5,<1",
+]
+
+TEST = CLOUD + LITERT + VIDEO + [
     "pytest>=8,<10",
     "dill>=0.3",  # tfds.testing imports it
     "gcp-storage-emulator>=2024.0",
@@ -50,5 +57,5 @@ setuptools.setup(
     package_data={"tfds_record3d": ["**/dummy_data/**/*", "**/*.txt", "**/*.tsv"]},
     include_package_data=True,
     install_requires=CORE,
-    extras_require={"cloud": CLOUD, "litert": LITERT, "test": TEST},
+    extras_require={"cloud": CLOUD, "litert": LITERT, "video": VIDEO, "test": TEST},
 )
