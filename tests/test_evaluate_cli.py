@@ -21,7 +21,7 @@ import pytest
 
 from trainer import datasets
 from trainer import errors
-from trainer import evaluate
+from trainer import export_eval
 from trainer import input_pipeline
 from trainer import metrics as metrics_lib
 from trainer import report
@@ -54,7 +54,7 @@ def _options(config, **overrides):
   values = dict(dataset=config.dataset, data_dir=config.data_dir, split=config.eval_split,
                 latency_repeats=0)
   values.update(overrides)
-  return evaluate.ExportEvalOptions(**values)
+  return export_eval.ExportEvalOptions(**values)
 
 
 def _trainer_metrics(config):
@@ -74,7 +74,7 @@ def _assert_same_metrics(ours, theirs):
 def test_model_resolution_gives_the_trainers_metrics(trained, tmp_path, kind):
   config, export_dir, tflite = trained
   path = export_dir if kind == "saved_model" else tflite
-  summary = evaluate.evaluate_export(path, str(tmp_path / "out"),
+  summary = export_eval.evaluate_export(path, str(tmp_path / "out"),
                                      _options(config, resolution="model"))
   assert summary["model_kind"] == kind
   assert summary["evaluated_sizes"] == [list(TRAINED_SIZE)]
@@ -113,8 +113,8 @@ def test_in_loop_eval_reports_median_scaled_metrics(trained, event_scalars):
 def test_outputs_of_the_default_depth_resolution(trained, tmp_path, tiny_record3d):
   config, _, tflite = trained
   out = tmp_path / "out"
-  summary = evaluate.evaluate_export(tflite, str(out), _options(config, latency_repeats=2))
-  assert sorted(os.listdir(out)) == sorted(evaluate.OUTPUT_FILES)
+  summary = export_eval.evaluate_export(tflite, str(out), _options(config, latency_repeats=2))
+  assert sorted(os.listdir(out)) == sorted(export_eval.OUTPUT_FILES)
   # Scored at the stored depth size (conftest.TINY_DEPTH_SIZE), ground truth untouched:
   # the valid pixels are exactly the stored ones in range with enough confidence.
   assert summary["resolution"] == "depth" and summary["evaluated_sizes"] == [[32, 24]]
@@ -155,15 +155,15 @@ def test_model_resolution_ground_truth_is_the_trainers(make_config, tmp_path):
   builder = datasets.get_builder(config.dataset, config.data_dir)
   theirs = np.concatenate([b["depth"].numpy()[..., 0] for b in
                            input_pipeline.eval_dataset(config, "rough", builder)])
-  options = evaluate.resolve_options(_options(config, resolution="model", min_confidence=2), {})
-  trainer_config = evaluate.trainer_config(options, config.image_size)
+  options = export_eval.resolve_options(_options(config, resolution="model", min_confidence=2), {})
+  trainer_config = export_eval.trainer_config(options, config.image_size)
 
   class Constant:  # any model: only the ground truth is compared here
     def predict(self, rgb):
       assert rgb.dtype == np.uint8 and rgb.shape == (*config.image_size, 3)
       return np.ones(rgb.shape[:2], np.float32)
 
-  ours = [evaluate.score_inputs(ex, Constant(), options, trainer_config)[1]
+  ours = [export_eval.score_inputs(ex, Constant(), options, trainer_config)[1]
           for ex in builder.as_dataset(split="test", shuffle_files=False).as_numpy_iterator()]
   np.testing.assert_array_equal(np.stack(ours), theirs[:len(ours)])
   assert (theirs > 0).any()
@@ -176,11 +176,11 @@ def test_existing_outputs_are_never_overwritten(trained, tmp_path):
   (out / "metrics.json").write_text("earlier")
   (out / "notes.txt").write_text("mine")
   with pytest.raises(errors.UserInputError, match="--overwrite") as error:
-    evaluate.evaluate_export(tflite, str(out), _options(config))
+    export_eval.evaluate_export(tflite, str(out), _options(config))
   assert "metrics.json" in str(error.value) and str(out) in str(error.value)
   assert (out / "metrics.json").read_text() == "earlier"
   assert sorted(os.listdir(out)) == ["metrics.json", "notes.txt"]
-  evaluate.evaluate_export(tflite, str(out), _options(config, overwrite=True, num_extremes=1))
+  export_eval.evaluate_export(tflite, str(out), _options(config, overwrite=True, num_extremes=1))
   assert json.load(open(out / "metrics.json"))["num_images"] == NUM_TEST_IMAGES
   assert (out / "notes.txt").read_text() == "mine"
 
@@ -192,7 +192,7 @@ def test_a_model_that_is_not_ours_is_a_clear_error(trained, tmp_path):
   for path, fragment in ((junk, "not a TFLite model"), (tmp_path / "missing", "no such file"),
                          (tmp_path, "not a SavedModel folder")):
     with pytest.raises(errors.UserInputError, match=fragment) as error:
-      evaluate.evaluate_export(str(path), str(tmp_path / "out"), _options(config))
+      export_eval.evaluate_export(str(path), str(tmp_path / "out"), _options(config))
     assert f"--model={path}" in str(error.value)
   assert not (tmp_path / "out").exists()
 
@@ -203,7 +203,7 @@ def test_bad_options_are_clear_errors(trained, tmp_path):
                               ({"min_depth": 5.0, "max_depth": 1.0}, "--min_depth"),
                               ({"split": "nope"}, "--split")):
     with pytest.raises(errors.UserInputError, match=fragment):
-      evaluate.evaluate_export(export_dir, str(tmp_path / "out"), _options(config, **overrides))
+      export_eval.evaluate_export(export_dir, str(tmp_path / "out"), _options(config, **overrides))
   assert not (tmp_path / "out").exists()
 
 
@@ -211,24 +211,24 @@ def test_depth_bin_sums_hand_values():
   truth = np.array([[0.5, 1.5], [1.6, 0.0]], np.float32)  # (1,1) invalid
   prediction = np.array([[1.0, 1.5], [0.8, 7.0]], np.float32)
   edges = np.array([0.0, 1.0, 2.0])
-  sums = evaluate.depth_bin_sums(truth, prediction, truth > 0, 2.0, edges, 0.1, 10.0)
+  sums = export_eval.depth_bin_sums(truth, prediction, truth > 0, 2.0, edges, 0.1, 10.0)
   np.testing.assert_allclose(sums["count"], [1, 2])
   np.testing.assert_allclose(sums["abs_rel"], [1.0, 0.0 + 0.5])  # |0.5-1|/0.5; 0, 0.8/1.6
   np.testing.assert_allclose(sums["sq"], [0.25, 0.64])
   np.testing.assert_allclose(sums["scaled_abs_rel"], [3.0, 1.0 + 0.0])  # p x2: 2, 3, 1.6
-  errors_by_bin = evaluate.depth_bin_errors(sums)
+  errors_by_bin = export_eval.depth_bin_errors(sums)
   np.testing.assert_allclose(errors_by_bin["rmse"], [0.5, np.sqrt(0.32)])
   np.testing.assert_allclose(errors_by_bin["scaled_abs_rel"], [3.0, 0.5])
 
 
 def test_extremes_keep_the_worst_and_best_once():
-  keeper = evaluate.Extremes(2)
+  keeper = export_eval.Extremes(2)
   for value in (0.3, 0.1, 0.9, 0.5, 0.2):
     keeper.offer({"abs_rel": value})
   worst, best = keeper.worst_and_best()
   assert [x["abs_rel"] for x in worst] == [0.9, 0.5]
   assert [x["abs_rel"] for x in best] == [0.1, 0.2]
-  few = evaluate.Extremes(3)
+  few = export_eval.Extremes(3)
   for value in (0.3, 0.1):
     few.offer({"abs_rel": value})
   worst, best = few.worst_and_best()
@@ -255,7 +255,7 @@ def test_cli_writes_every_output_and_refuses_bad_input(trained, tmp_path, tiny_r
           "--latency_repeats=2"]
   done = _cli(args, subprocess_env())
   assert done.returncode == 0, done.stderr[-3000:]
-  assert sorted(os.listdir(out)) == sorted(evaluate.OUTPUT_FILES)
+  assert sorted(os.listdir(out)) == sorted(export_eval.OUTPUT_FILES)
   summary = json.load(open(out / "metrics.json"))
   _assert_same_metrics(summary, _trainer_metrics(config))
   assert summary["latency_ms"]["1_thread"] > 0 and summary["latency_ms"]["all_cores"] > 0

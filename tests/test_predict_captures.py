@@ -15,7 +15,9 @@ from tfds_record3d import poses as poses_lib
 from tfds_record3d import synthetic
 from tfds_record3d import writers
 from trainer import captures
+from trainer import pointclouds
 from trainer import predict
+from trainer import stability
 
 imageio = pytest.importorskip("imageio.v2", reason="the video extra: pip install -e '.[video]'")
 
@@ -113,7 +115,7 @@ def test_lidar_depth_of_two_frames_lands_on_the_same_world_surface(tmp_path):
   def reprojection_error(read=lambda pose: pose):
     """The last frame's LiDAR points projected into frame 0 with the poses as
     `read` makes them: median |z - depth_0| / depth_0."""
-    world = captures.world_points(frames[-1].depth, k, read(frames[-1].pose))[0]
+    world = pointclouds.world_points(frames[-1].depth, k, read(frames[-1].pose))[0]
     camera = np.linalg.inv(poses_lib.opencv_camera_to_world(read(frames[0].pose)))
     xyz = world @ camera[:3, :3].T + camera[:3, 3]
     xyz = xyz[xyz[:, 2] > 0.1]
@@ -155,9 +157,9 @@ def test_one_world_point_seen_from_two_poses_fuses_to_one_voxel():
     shifted[1, 2] += (row + 0.5) - v
     depth_maps.append((depth, shifted))
     poses.append(pose)
-  fuser = captures.VoxelFuser(0.05)
+  fuser = pointclouds.VoxelFuser(0.05)
   for (depth, intrinsics), pose in zip(depth_maps, poses):
-    xyz, _ = captures.world_points(depth, intrinsics, pose)
+    xyz, _ = pointclouds.world_points(depth, intrinsics, pose)
     np.testing.assert_allclose(xyz[0], point, atol=1e-4)
     fuser.add(xyz, np.array([[255, 0, 0]], np.uint8))
   xyz, rgb, counts = fuser.points()
@@ -168,7 +170,7 @@ def test_one_world_point_seen_from_two_poses_fuses_to_one_voxel():
 def test_stability_meter_measures_flicker_where_the_image_is_static():
   rng = np.random.default_rng(0)
   rgb = rng.integers(0, 256, (40, 30, 3), np.uint8)
-  meter = captures.StabilityMeter()
+  meter = stability.StabilityMeter()
   for t in range(4):
     depth = np.full((40, 30), 2.0, np.float32) * (1.0 + 0.05 * (t % 2))  # 2.0, 2.1, 2.0...
     moved = rgb.copy()
@@ -221,8 +223,8 @@ def test_r3d_writes_every_frame_a_video_stability_and_fused_clouds(export, model
   for key in ("rgb_static", "ground_truth_static"):
     assert stability[key]["pairs"] == FRAMES - 1
     assert np.isfinite(stability[key]["median"]) and stability[key]["median"] >= 0
-  fused, colours = predict.read_ply(out / "kitchen_fused.ply")
-  lidar, _ = predict.read_ply(out / "kitchen_fused_lidar.ply")
+  fused, colours = pointclouds.read_ply(out / "kitchen_fused.ply")
+  lidar, _ = pointclouds.read_ply(out / "kitchen_fused_lidar.ply")
   assert 0 < len(fused) <= FRAMES * IMAGE_SIZE[0] * IMAGE_SIZE[1] and colours.dtype == np.uint8
   # Predicted points lie where the model put them: along the cameras' rays at
   # the predicted depth (~2 m from the untrained net), in front of a camera.
@@ -234,9 +236,9 @@ def test_r3d_writes_every_frame_a_video_stability_and_fused_clouds(export, model
   # The LiDAR views of the same walls overlap in world coordinates: all frames
   # together occupy not many more voxels than the first frame alone.
   first = captures.open_capture(path).frames().__next__()
-  alone = captures.VoxelFuser(0.2)
+  alone = pointclouds.VoxelFuser(0.2)
   k_depth = intrinsics_lib.scale_intrinsics(first.intrinsics, IMAGE_SIZE, DEPTH_SIZE)
-  xyz, _ = captures.world_points(first.depth, k_depth, first.pose)
+  xyz, _ = pointclouds.world_points(first.depth, k_depth, first.pose)
   alone.add(xyz, np.zeros((len(xyz), 3), np.uint8))
   assert len(alone.points()[0]) < len(lidar) < 1.6 * len(alone.points()[0])
   # The same capture again: refused, naming an existing file, nothing changed.

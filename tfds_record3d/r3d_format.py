@@ -118,7 +118,7 @@ class R3dFrameTask:
     if image_size != self.stated_size:
       k = intrinsics_lib.scale_intrinsics(k, self.stated_size, image_size)
     confidence = _decode_confidence(conf[0], self.depth_size) if conf else None
-    return frame_example(image, _decode_depth(depth, self.depth_size), confidence, k,
+    return frame_example(image, decode_depth(depth, self.depth_size), confidence, k,
                          self.sequence, self.frame, source=self.source,
                          timestamp=self.timestamp, pose=self.pose, camera=self.camera)
 
@@ -144,18 +144,7 @@ class R3dSequence:
 
   def intrinsics(self, frame: int, image_size: tuple[int, int]) -> np.ndarray:
     """K (3, 3) float32 for frame `frame` at the decoded image size (H, W)."""
-    meta = self.metadata
-    coeffs = meta.get("perFrameIntrinsicCoeffs")
-    if coeffs and frame < len(coeffs):
-      fx, fy, cx, cy = coeffs[frame][:4]
-      k = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], dtype=np.float32)
-    else:
-      # Stored column-major: reshape gives K^T.
-      k = np.asarray(meta["K"], dtype=np.float32).reshape(3, 3).T
-    stated = (int(meta["h"]), int(meta["w"]))
-    if tuple(image_size) != stated:
-      k = intrinsics_lib.scale_intrinsics(k, stated, image_size)
-    return k
+    return frame_intrinsics(self.metadata, frame, image_size)
 
   @property
   def camera(self) -> str:
@@ -180,6 +169,22 @@ class R3dSequence:
         yield self.frame_task(position).read(f)
 
 
+def frame_intrinsics(metadata: dict, frame: int, image_size: tuple[int, int]) -> np.ndarray:
+  """K (3, 3) float32 of frame `frame` at image size (H, W), from an .r3d's metadata:
+  its perFrameIntrinsicCoeffs row when it has one, else K; scaled from (h, w)."""
+  coeffs = metadata.get("perFrameIntrinsicCoeffs")
+  if coeffs and frame < len(coeffs):
+    fx, fy, cx, cy = coeffs[frame][:4]
+    k = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], dtype=np.float32)
+  else:
+    # Stored column-major: reshape gives K^T.
+    k = np.asarray(metadata["K"], dtype=np.float32).reshape(3, 3).T
+  stated = (int(metadata["h"]), int(metadata["w"]))
+  if tuple(image_size) != stated:
+    k = intrinsics_lib.scale_intrinsics(k, stated, image_size)
+  return k
+
+
 def _decompress(data: bytes, what: str) -> bytes:
   try:
     return lzfse.decompress(data)
@@ -187,7 +192,9 @@ def _decompress(data: bytes, what: str) -> bytes:
     raise decoding.DecodeError(f"{what} is not valid LZFSE data ({type(e).__name__})") from e
 
 
-def _decode_depth(data: bytes, size: tuple[int, int]) -> np.ndarray:
+def decode_depth(data: bytes, size: tuple[int, int]) -> np.ndarray:
+  """float32 (dh, dw) meters of an rgbd/{i}.depth member's bytes, invalid pixels 0
+  (decoding.clean_depth); DecodeError when not LZFSE or not dh x dw float32."""
   raw = _decompress(data, "depth")
   expected = size[0] * size[1] * 4
   if len(raw) != expected:
@@ -300,7 +307,7 @@ def _scan_file(path: epath.Path, problems: list[Problem], check: bool = True,
           problems.append(Problem(f"{entry}.jpg", str(e)))
         try:
           frame_depths.append(depth_checks.summarize(
-              _decode_depth(archive.read(f"rgbd/{frame}.depth"), depth_size)))
+              decode_depth(archive.read(f"rgbd/{frame}.depth"), depth_size)))
         except decoding.DecodeError as e:
           problems.append(Problem(f"{entry}.depth", str(e)))
         if "conf" in kinds:

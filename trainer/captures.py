@@ -16,10 +16,8 @@ frame: a `.r3d` cut short (its ZIP directory, at the end, is lost) is read entry
 by entry from the start; an `.mp4` cut short is noticed when fewer frames decode
 than its header's duration says.
 
-Per-capture figures (pure numpy):
-  `StabilityMeter`  the temporal-stability ("flicker") figure, defined there.
-  `VoxelFuser`      one voxel-downsampled point cloud in world coordinates from
-                    per-frame depth and Record3D poses.
+Per-capture figures live in `trainer.stability` (the flicker figure) and
+`trainer.pointclouds` (the fused world-frame cloud).
 """
 
 from __future__ import annotations
@@ -380,9 +378,6 @@ class R3dCapture(Capture):
               if isinstance(self.metadata.get(k), list) and self.metadata[k]]
     # A cut file's frame count comes from the metadata; an intact one's from the ZIP.
     self.expected_frames = max(counts) if self.damage and counts else len(self.indices)
-    # Reuses the dataset's reading of K / perFrameIntrinsicCoeffs (no frames needed).
-    self._sequence = r3d_format.R3dSequence(
-        path=path, metadata=self.metadata, frames=(), has_confidence=(), valid_pixels=())
 
   def _poses(self) -> Optional[np.ndarray]:
     rows = self.metadata.get("poses")
@@ -411,15 +406,14 @@ class R3dCapture(Capture):
         depth = None
         if depth_name in entries.names:
           try:
-            # pylint: disable-next=protected-access  # the dataset's own decoder, not a copy
-            depth = r3d_format._decode_depth(entries.read(depth_name), self.depth_size)
+            depth = r3d_format.decode_depth(entries.read(depth_name), self.depth_size)
           except ValueError as e:
             raise CaptureError(self.path, index, position, f"{depth_name}: {e}") from e
         pose = None
         if self.poses is not None and index < len(self.poses):
           pose = self.poses[index]
         yield Frame(position, f"{index:06d}", rgb,
-                    intrinsics=self._sequence.intrinsics(index, rgb.shape[:2]),
+                    intrinsics=r3d_format.frame_intrinsics(self.metadata, index, rgb.shape[:2]),
                     depth=depth, pose=pose)
       else:
         position = len(self.indices)
@@ -429,186 +423,3 @@ class R3dCapture(Capture):
         raise CaptureError(self.path, position, position, f"{entries.damage}{total}")
     finally:
       entries.close()
-
-
-# ----------------------------------------------------------------------------
-# Temporal stability.
-# ----------------------------------------------------------------------------
-RGB_STATIC_LEVELS = 8  # a pixel is RGB-static when no channel changes by more (of 255)
-GT_STATIC_RELATIVE = 0.01  # ground truth changes by at most 1% between the frames
-MIN_STATIC_FRACTION = 0.005  # frame pairs with fewer static pixels are not counted
-MIN_STATIC_PIXELS = 16
-STABILITY_LONG_SIDE = 320  # frames are sampled on a grid of at most this long side
-
-
-def relative_change(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """|a - b| / ((a + b) / 2) per pixel; NaN where either is not valid (finite, > 0)."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  valid = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
-  mean = np.where(valid, (a + b) / 2.0, 1.0)
-  return np.where(valid, np.abs(a - b) / mean, np.nan)
-
-
-def _grid(shape, long_side: int) -> tuple:
-  """Row and column index arrays of an every-s-th-pixel grid with at most `long_side`."""
-  stride = max(1, math.ceil(max(shape[:2]) / long_side))
-  return np.arange(stride // 2, shape[0], stride), np.arange(stride // 2, shape[1], stride)
-
-
-def resample_nearest(image: np.ndarray, size) -> np.ndarray:
-  """Nearest sample at the pixel centres of `size` (H, W) (same aspect ratio)."""
-  rows = np.minimum(((np.arange(size[0]) + 0.5) * image.shape[0] / size[0]).astype(int),
-                    image.shape[0] - 1)
-  cols = np.minimum(((np.arange(size[1]) + 0.5) * image.shape[1] / size[1]).astype(int),
-                    image.shape[1] - 1)
-  return image[rows[:, None], cols[None, :]]
-
-
-class StabilityMeter:
-  r"""The temporal-stability ("flicker") figure of a predicted depth video.
-
-  For each pair of consecutive frames (t-1, t), with predicted depths p and
-  (when the capture has it) ground-truth depth g:
-
-    r(x) = |p_t(x) - p_{t-1}(x)| / ((p_t(x) + p_{t-1}(x)) / 2)
-
-  is the relative frame-to-frame depth change at pixel x (pixels where either
-  prediction is not positive and finite are left out). Two pixel sets:
-    * RGB-static: no 8-bit RGB channel changed by more than 8 levels
-      (|I_t - I_{t-1}| <= 8 in R, G and B), on the prediction's grid (frames
-      larger than 320 px on the long side are sampled on an every-s-th-pixel
-      grid first);
-    * ground-truth-static (.r3d only): both LiDAR depths valid and
-      |g_t - g_{t-1}| / ((g_t + g_{t-1}) / 2) <= 1%, on the depth grid
-      (the prediction is sampled at the depth pixels' centres).
-  The pair's value is the median of r over the set's pixels; a pair with fewer
-  than max(16, 0.5% of the grid) such pixels is not counted. The capture's
-  figure, `median`, is the median of the pair values; also reported: their
-  90th percentile `p90`, `pairs_used` of `pairs`, and `static_fraction` (the
-  mean fraction of static pixels over the counted pairs). 0 = perfectly
-  stable; 0.01 = depth moves by 1% per frame where the scene did not.
-
-  Caveat: a moving camera changes the true depth of untextured surfaces that
-  look the same (a wall while walking towards it), so the RGB-static figure has
-  a floor set by the camera's motion; compare models on the same capture. The
-  ground-truth-static figure has no such floor.
-  """
-
-  def __init__(self):
-    self._previous = None  # (rgb on grid, prediction on grid, prediction at depth size, gt)
-    self._values = {"rgb_static": [], "ground_truth_static": []}
-    self._fractions = {"rgb_static": [], "ground_truth_static": []}
-    self.pairs = 0
-    self._has_gt = False
-
-  def add(self, rgb: np.ndarray, prediction: np.ndarray, ground_truth: Optional[np.ndarray] = None):
-    """rgb uint8 [H,W,3], prediction float32 [H,W] meters, ground_truth [h,w] or None."""
-    rows, cols = _grid(prediction.shape, STABILITY_LONG_SIDE)
-    grid = np.ix_(rows, cols)
-    current = (rgb[grid].astype(np.int16), prediction[grid],
-               None if ground_truth is None else resample_nearest(prediction, ground_truth.shape),
-               ground_truth)
-    if self._previous is not None:
-      self.pairs += 1
-      old_rgb, old_p, old_p_gt, old_gt = self._previous
-      if old_rgb.shape == current[0].shape:
-        static = np.all(np.abs(current[0] - old_rgb) <= RGB_STATIC_LEVELS, axis=-1)
-        self._count("rgb_static", relative_change(current[1], old_p), static)
-      if ground_truth is not None and old_gt is not None and old_gt.shape == ground_truth.shape:
-        self._has_gt = True
-        static = relative_change(ground_truth, old_gt) <= GT_STATIC_RELATIVE  # NaN -> False
-        self._count("ground_truth_static", relative_change(current[2], old_p_gt), static)
-    self._previous = current
-
-  def _count(self, key, change, static):
-    static = static & np.isfinite(change)
-    if static.sum() < max(MIN_STATIC_PIXELS, MIN_STATIC_FRACTION * static.size):
-      return
-    self._values[key].append(float(np.median(change[static])))
-    self._fractions[key].append(float(static.mean()))
-
-  def summary(self) -> dict:
-    """{"rgb_static": {...}, "ground_truth_static": {...} or None} (see the class doc);
-    `median` and `p90` are None when no pair counted."""
-    out = {}
-    for key, values in self._values.items():
-      if key == "ground_truth_static" and not self._has_gt:
-        out[key] = None
-        continue
-      out[key] = {
-          "median": float(np.median(values)) if values else None,
-          "p90": float(np.percentile(values, 90)) if values else None,
-          "pairs_used": len(values), "pairs": self.pairs,
-          "static_fraction": float(np.mean(self._fractions[key])) if values else None,
-      }
-    out["rgb_static_levels"] = RGB_STATIC_LEVELS
-    out["ground_truth_static_relative"] = GT_STATIC_RELATIVE
-    return out
-
-
-# ----------------------------------------------------------------------------
-# Point clouds.
-# ----------------------------------------------------------------------------
-def camera_points(depth: np.ndarray, intrinsics: np.ndarray, stride: int = 1) -> tuple:
-  """(xyz float32 [N,3] in OpenCV camera axes (x right, y down, z forward), mask
-  [h,w] of the valid pixels of the every-`stride`-th-pixel grid they come from).
-
-  Pixel (i, j) has its centre at (j + 0.5, i + 0.5), the dataset's convention.
-  """
-  depth = np.asarray(depth, np.float32)[stride // 2::stride, stride // 2::stride]
-  v, u = np.mgrid[0:depth.shape[0], 0:depth.shape[1]].astype(np.float32)
-  u, v = u * stride + stride // 2 + 0.5, v * stride + stride // 2 + 0.5
-  valid = np.isfinite(depth) & (depth > 0)
-  z = depth[valid]
-  x = (u[valid] - intrinsics[0, 2]) * z / intrinsics[0, 0]
-  y = (v[valid] - intrinsics[1, 2]) * z / intrinsics[1, 1]
-  return np.stack([x, y, z], axis=-1).astype(np.float32), valid
-
-
-def world_points(depth: np.ndarray, intrinsics: np.ndarray, pose: np.ndarray,
-                 stride: int = 1) -> tuple:
-  """(xyz [N,3] world, mask) of depth [H,W] seen by a camera with Record3D pose
-  `pose` (camera-to-world [4,4], OpenGL camera axes); see `camera_points`."""
-  xyz, valid = camera_points(depth, intrinsics, stride)
-  transform = poses_lib.opencv_camera_to_world(pose).astype(np.float64)
-  world = xyz.astype(np.float64) @ transform[:3, :3].T + transform[:3, 3]
-  return world.astype(np.float32), valid
-
-
-_KEY_BITS = 21  # per axis: +-2^20 voxels (+-21 km at 2 cm)
-_KEY_OFFSET = 1 << (_KEY_BITS - 1)
-
-
-class VoxelFuser:
-  """Accumulates world points into voxels of `voxel_size` meters: one point per
-  occupied voxel, at the mean position and mean colour of its points."""
-
-  def __init__(self, voxel_size: float):
-    if not voxel_size > 0:
-      raise ValueError(f"voxel size must be > 0 meters, got {voxel_size}")
-    self.voxel_size = float(voxel_size)
-    self._keys = np.zeros(0, np.int64)
-    self._sums = np.zeros((0, 6), np.float64)  # x, y, z, r, g, b summed
-    self._counts = np.zeros(0, np.int64)
-    self.frames = 0
-
-  def add(self, xyz: np.ndarray, rgb: np.ndarray) -> None:
-    """xyz float [N,3] world meters, rgb uint8 [N,3]."""
-    self.frames += 1
-    cells = np.floor(np.asarray(xyz, np.float64) / self.voxel_size).astype(np.int64)
-    inside = np.all(np.abs(cells) < _KEY_OFFSET, axis=1)  # far outliers cannot be keyed
-    cells, xyz, rgb = cells[inside] + _KEY_OFFSET, xyz[inside], rgb[inside]
-    keys = (cells[:, 0] << (2 * _KEY_BITS)) | (cells[:, 1] << _KEY_BITS) | cells[:, 2]
-    sums = np.concatenate([np.asarray(xyz, np.float64), np.asarray(rgb, np.float64)], axis=1)
-    keys = np.concatenate([self._keys, keys])
-    sums = np.concatenate([self._sums, sums])
-    counts = np.concatenate([self._counts, np.ones(len(xyz), np.int64)])
-    self._keys, inverse = np.unique(keys, return_inverse=True)
-    self._sums = np.stack([np.bincount(inverse, sums[:, c], len(self._keys)) for c in range(6)], 1)
-    self._counts = np.bincount(inverse, counts, len(self._keys)).astype(np.int64)
-
-  def points(self) -> tuple:
-    """(xyz float32 [M,3], rgb uint8 [M,3], points per voxel int64 [M])."""
-    mean = self._sums / np.maximum(self._counts, 1)[:, None]
-    return (mean[:, :3].astype(np.float32), np.clip(np.round(mean[:, 3:]), 0, 255).astype(np.uint8),
-            self._counts)

@@ -22,7 +22,7 @@ of frames; `trainer.captures`) is predicted frame by frame into:
   O/NAME_depth.mp4   RGB | colourised depth | colour bar in meters, one colour
       scale for the whole video (2nd..98th percentile of every frame's depth);
       needs the `video` extra (--novideo skips it);
-  O/NAME_stability.json  the temporal-stability figure (`captures.StabilityMeter`),
+  O/NAME_stability.json  the temporal-stability figure (`stability.StabilityMeter`),
       also printed;
   O/NAME_fused.ply (--ply, captures with poses: .r3d): every frame's predicted
       points in world coordinates, one point per --voxel_size voxel; beside it
@@ -31,9 +31,10 @@ A damaged capture (a .r3d or video cut short, an unreadable frame) is predicted
 up to the damage; its video, stability and fused cloud cover those frames, the
 error names the file and the frame, and the exit code is 1.
 
-The library part (`read_rgb`, `write_depth_outputs`, `write_ply`,
-`predict_files`, `predict_capture`, `predict_paths`) defines no flags; the CLI's
-flags are declared only when this module runs as the program.
+The library part (`read_rgb`, `write_depth_outputs`, `predict_files`,
+`predict_capture`, `predict_paths`; point clouds and PLY files in
+`trainer.pointclouds`) defines no flags; the CLI's flags are declared only when
+this module runs as the program.
 """
 
 import json
@@ -49,7 +50,9 @@ from tfds_record3d import intrinsics as intrinsics_lib
 from trainer import captures as captures_lib
 from trainer import depth_ops
 from trainer import exported_model
+from trainer import pointclouds
 from trainer import progress as progress_lib
+from trainer import stability as stability_lib
 from trainer.captures import read_rgb  # pylint: disable=unused-import  # part of this API
 
 
@@ -69,8 +72,6 @@ def camera_intrinsics(height: int, width: int, fx=None, fy=None, cx=None, cy=Non
 OUTPUT_SUFFIXES = ("_depth.png", "_depth_color.png", "_depth.npy", ".ply")
 # Per-capture outputs beside the capture's folder O/NAME/.
 CAPTURE_SUFFIXES = ("_depth.mp4", "_stability.json", "_fused.ply", "_fused_lidar.ply")
-DEFAULT_VOXEL_SIZE = 0.02  # meters: room-scale geometry stays legible, files stay small
-FUSION_LONG_SIDE = 256  # predicted depth is sampled on a grid of at most this for fusion
 
 
 def output_stems(image_paths: Sequence[str], output_dir: str, overwrite: bool = False) -> dict:
@@ -128,43 +129,6 @@ def write_depth_outputs(stem: str, depth: np.ndarray) -> tuple:
   return vmin, vmax
 
 
-def write_points_ply(path: str, xyz: np.ndarray, rgb: np.ndarray) -> int:
-  """xyz float [N,3], rgb uint8 [N,3] -> binary little-endian PLY; returns N."""
-  vertices = np.zeros(len(xyz), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
-                                       ("red", "u1"), ("green", "u1"), ("blue", "u1")])
-  vertices["x"], vertices["y"], vertices["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-  vertices["red"], vertices["green"], vertices["blue"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
-  header = ("ply\nformat binary_little_endian 1.0\n"
-            f"element vertex {len(xyz)}\n"
-            "property float x\nproperty float y\nproperty float z\n"
-            "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
-  with open(path, "wb") as f:
-    f.write(header.encode("ascii"))
-    f.write(vertices.tobytes())
-  return int(len(xyz))
-
-
-def read_ply(path: str) -> tuple:
-  """(xyz float32 [N,3], rgb uint8 [N,3]) of a PLY written by `write_points_ply`."""
-  with open(path, "rb") as f:
-    data = f.read()
-  end = data.index(b"end_header\n") + len(b"end_header\n")
-  dtype = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"),
-           ("blue", "u1")]
-  vertices = np.frombuffer(data[end:], dtype=dtype)
-  xyz = np.stack([vertices["x"], vertices["y"], vertices["z"]], axis=-1)
-  return xyz, np.stack([vertices["red"], vertices["green"], vertices["blue"]], axis=-1)
-
-
-def write_ply(path: str, depth: np.ndarray, rgb: np.ndarray, intrinsics: np.ndarray) -> int:
-  """Back-projects valid depth [H,W] with K into a binary little-endian PLY; returns points.
-
-  OpenCV camera axes (x right, y down, z forward), as Record3D's depth is.
-  """
-  xyz, valid = captures_lib.camera_points(depth, intrinsics)
-  return write_points_ply(path, xyz, rgb[valid])
-
-
 def load_model(export: str) -> exported_model.ExportedModel:
   """A SavedModel folder or .tflite file (ValueError naming the path otherwise)."""
   return exported_model.load(export)
@@ -197,24 +161,17 @@ def predict_files(export_dir: str, image_paths: Sequence[str], output_dir: str,
     stem = stems[path]
     vmin, vmax = write_depth_outputs(stem, depth)
     if ply:
-      write_ply(f"{stem}.ply", depth, rgb, camera_intrinsics(*depth.shape, **(intrinsics or {})))
+      pointclouds.write_ply(f"{stem}.ply", depth, rgb,
+                            camera_intrinsics(*depth.shape, **(intrinsics or {})))
     outcome[path] = None
     progress.update(add=1, suffix=f"{path} -> {stem}_depth.png ({vmin:.2f}..{vmax:.2f} m)")
   return outcome
 
 
-def _fuse_frame(fuser, depth, rgb, intrinsics, pose):
-  """Adds one frame's depth [h,w] (K for that size) to `fuser`, coloured by rgb [H,W,3]."""
-  stride = max(1, -(-max(depth.shape) // FUSION_LONG_SIDE))  # ceil
-  xyz, valid = captures_lib.world_points(depth, intrinsics, pose, stride)
-  colours = captures_lib.resample_nearest(rgb, depth.shape)[stride // 2::stride,
-                                                            stride // 2::stride]
-  fuser.add(xyz, colours[valid])
-
-
 def predict_capture(model, capture_path: str, output_dir: str, stem: str, ply: bool = False,
                     frame_ply: bool = True, video: bool = True, intrinsics: Optional[dict] = None,
-                    fps: Optional[float] = None, voxel_size: float = DEFAULT_VOXEL_SIZE) -> dict:
+                    fps: Optional[float] = None,
+                    voxel_size: float = pointclouds.DEFAULT_VOXEL_SIZE) -> dict:
   """Predicts every frame of one capture into `stem`/ and the per-capture outputs
   `stem`_depth.mp4, _stability.json, _fused.ply, _fused_lidar.ply (see the module doc).
 
@@ -230,10 +187,10 @@ def predict_capture(model, capture_path: str, output_dir: str, stem: str, ply: b
     video_lib.require_imageio(f"writing {stem}_depth.mp4 (or pass --novideo)")
     writer_module = video_lib
   os.makedirs(stem, exist_ok=True)
-  meter = captures_lib.StabilityMeter()
+  meter = stability_lib.StabilityMeter()
   scale = writer_module.ColourScale() if writer_module else None
-  fused = captures_lib.VoxelFuser(voxel_size) if ply else None
-  fused_lidar = captures_lib.VoxelFuser(voxel_size) if ply else None
+  fused = pointclouds.VoxelFuser(voxel_size) if ply else None
+  fused_lidar = pointclouds.VoxelFuser(voxel_size) if ply else None
   progress = progress_lib.Progress(f"predict {capture.name}", capture.expected_frames or 0,
                                    unit="frames", every_seconds=5, start_at_first_update=True)
   names, error, posed = [], None, 0
@@ -244,13 +201,13 @@ def predict_capture(model, capture_path: str, output_dir: str, stem: str, ply: b
       write_depth_outputs(frame_stem, depth)
       k = camera_intrinsics(*depth.shape, base=frame.intrinsics, **(intrinsics or {}))
       if ply and frame_ply:
-        write_ply(f"{frame_stem}.ply", depth, frame.rgb, k)
+        pointclouds.write_ply(f"{frame_stem}.ply", depth, frame.rgb, k)
       if fused is not None and frame.pose is not None:
         posed += 1
-        _fuse_frame(fused, depth, frame.rgb, k, frame.pose)
+        pointclouds.fuse_frame(fused, depth, frame.rgb, k, frame.pose)
         if frame.depth is not None:
           k_depth = intrinsics_lib.scale_intrinsics(k, depth.shape, frame.depth.shape)
-          _fuse_frame(fused_lidar, frame.depth, frame.rgb, k_depth, frame.pose)
+          pointclouds.fuse_frame(fused_lidar, frame.depth, frame.rgb, k_depth, frame.pose)
       meter.add(frame.rgb, depth, frame.depth)
       if scale is not None:
         scale.add(depth)
@@ -267,7 +224,7 @@ def predict_capture(model, capture_path: str, output_dir: str, stem: str, ply: b
   stability = meter.summary()
   record = {"capture": capture_path, "model": model.path, "frames": len(names),
             "complete": error is None, "error": error,
-            "definition": " ".join(captures_lib.StabilityMeter.__doc__.split()), **stability}
+            "definition": " ".join(stability_lib.StabilityMeter.__doc__.split()), **stability}
   with open(f"{stem}_stability.json", "w", encoding="utf-8") as f:
     json.dump(record, f, indent=2)
   outputs.append(f"{stem}_stability.json")
@@ -276,7 +233,7 @@ def predict_capture(model, capture_path: str, output_dir: str, stem: str, ply: b
       for fuser, suffix in ((fused, "_fused.ply"), (fused_lidar, "_fused_lidar.ply")):
         if fuser.frames:
           xyz, rgb, _ = fuser.points()
-          count = write_points_ply(f"{stem}{suffix}", xyz, rgb)
+          count = pointclouds.write_points_ply(f"{stem}{suffix}", xyz, rgb)
           logging.info("%s%s: %d points (%g m voxels) from %d frames", stem, suffix, count,
                        voxel_size, fuser.frames)
           outputs.append(f"{stem}{suffix}")
@@ -310,25 +267,10 @@ def _write_video(video_lib, capture, stem: str, names: Sequence[str], colour_ran
   return path
 
 
-def stability_line(name: str, stability: dict) -> str:
-  """One printed line of a capture's stability figures."""
-  def part(key, what):
-    value = (stability or {}).get(key)
-    if not value:
-      return None
-    if value["median"] is None:
-      return f"{what}: no frame pair with enough static pixels"
-    return (f"{value['median']:.4f} over {what} pixels ({value['pairs_used']} of "
-            f"{value['pairs']} frame pairs)")
-  parts = [p for p in (part("rgb_static", "RGB-static"),
-                       part("ground_truth_static", "ground-truth-static")) if p]
-  return f"{name}: flicker (median frame-to-frame relative depth change) " + "; ".join(parts)
-
-
 def predict_paths(export: str, paths: Sequence[str], output_dir: str, ply: bool = False,
                   intrinsics: Optional[dict] = None, overwrite: bool = False,
                   frame_ply: bool = True, video: bool = True, fps: Optional[float] = None,
-                  voxel_size: float = DEFAULT_VOXEL_SIZE) -> dict:
+                  voxel_size: float = pointclouds.DEFAULT_VOXEL_SIZE) -> dict:
   """Images and captures together; returns {path: error message or None}.
 
   Every output of every input is checked for clashes and existing files
@@ -356,7 +298,7 @@ def predict_paths(export: str, paths: Sequence[str], output_dir: str, ply: bool 
       outcome[path] = str(e)
       continue
     if result["stability"]:
-      print(stability_line(captures_lib.capture_name(path), result["stability"]))
+      print(stability_lib.stability_line(captures_lib.capture_name(path), result["stability"]))
     logging.info("%s: %d frames -> %s", path, result["frames"], ", ".join(result["outputs"]))
     outcome[path] = result["error"]
   return outcome
@@ -374,8 +316,8 @@ def _define_flags():
                     "with poses (.r3d) also NAME_fused.ply in world coordinates.")
   flags.DEFINE_bool("frame_ply", True, "With --ply on a capture, also one PLY per frame "
                     "(large: ~10 MB per 720x960 frame); --noframe_ply: the fused cloud only.")
-  flags.DEFINE_float("voxel_size", DEFAULT_VOXEL_SIZE, "Voxel edge in meters of the fused "
-                     "point cloud (one point per voxel).")
+  flags.DEFINE_float("voxel_size", pointclouds.DEFAULT_VOXEL_SIZE, "Voxel edge in meters of "
+                     "the fused point cloud (one point per voxel).")
   flags.DEFINE_bool("video", True, "Write NAME_depth.mp4 for each capture (needs the video "
                     "extra: pip install -e \".[video]\").")
   flags.DEFINE_float("fps", None, "Frame rate of the depth video (default: the capture's, "
