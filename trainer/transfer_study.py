@@ -151,7 +151,9 @@ def main(argv):
     source_dirs[architecture] = config.model_dir
     progress.update(add=1, suffix=f"source {architecture} in {time.time() - started:.0f}s")
 
-  runs = []
+  # Runs of earlier invocations (other recipes or seeds) stay in the study.
+  planned = {(r, s) for r in FLAGS.recipes for s in seeds}
+  runs = [r for r in _previous_runs() if (r["recipe"], r["seed"]) not in planned]
   for recipe in FLAGS.recipes:
     overrides, source = RECIPES[recipe]
     for seed in seeds:
@@ -170,6 +172,14 @@ def main(argv):
           f"{test['finetune']['abs_rel']:.3f}"))
       _write(runs, source_dirs)  # after every run: an interrupted study keeps its results
   logging.info("study written to %s/study.md", FLAGS.workdir)
+
+
+def _previous_runs() -> list:
+  path = os.path.join(FLAGS.workdir, "study.json")
+  if not tf.io.gfile.exists(path):
+    return []
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)["runs"]
 
 
 def _write(runs: list, source_dirs: dict) -> None:
