@@ -84,10 +84,20 @@ def base_config(model_dir: str, dataset: str, seed: int, steps: int, **overrides
   return config
 
 
+class Preempted(Exception):
+  """SIGTERM stopped a run (its checkpoint is saved): the study stops too; rerun it."""
+
+
+def train(config) -> None:
+  results = stages.train_and_evaluate(config)
+  if any(r.preempted for r in results.values()):
+    raise Preempted(f"{config.model_dir} was stopped by SIGTERM; rerun the study to resume")
+
+
 def train_and_score(config) -> dict:
   """Trains (or resumes) --stage=all, then scores the depth stages on each split:
   {split: {stage: metrics}}."""
-  stages.train_and_evaluate(config)
+  train(config)
   scores = {}
   for split in SPLITS:
     results = stages.train_and_evaluate(dataclasses.replace(config, mode="eval",
@@ -146,7 +156,7 @@ def main(argv):
     config = base_config(os.path.join(runs_dir, f"source_{architecture}"), SOURCE_DATASET, 0,
                          FLAGS.source_train_steps, **overrides)
     started = time.time()
-    stages.train_and_evaluate(config)
+    train(config)
     keras.backend.clear_session()
     source_dirs[architecture] = config.model_dir
     progress.update(add=1, suffix=f"source {architecture} in {time.time() - started:.0f}s")
@@ -201,5 +211,12 @@ def _write(runs: list, source_dirs: dict) -> None:
     f.write("\n".join(text))
 
 
+def _main(argv):
+  try:
+    main(argv)
+  except Preempted as e:
+    logging.warning("%s", e)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(_main)
