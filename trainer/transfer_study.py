@@ -58,25 +58,37 @@ RECIPES = {
 DEFAULT_RECIPES = ("unet_scratch", "unet_transfer", "mobilenet_v3_scratch",
                    "mobilenet_v3_transfer", "unet_transfer_conf0", "unet_scratch_conf0")
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Folder of the study: runs/, study.json, study.md.")
-flags.DEFINE_string("data_dir", None, "TFDS data_dir (both datasets are built there if missing).")
-flags.DEFINE_list("recipes", list(DEFAULT_RECIPES), f"Recipes to run, of {sorted(RECIPES)}.")
-flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every target recipe (--seed).")
-flags.DEFINE_string("image_size", "64,48", "H,W of every run.")
-flags.DEFINE_integer("train_steps", 300, "Steps per stage of each target run (the budget).")
-flags.DEFINE_integer("source_train_steps", 600, "Steps per stage of each source run.")
-flags.DEFINE_integer("global_batch_size", 8, "Batch of every run.")
-flags.DEFINE_integer("eval_min_confidence", 2,
-                     "Ground truth below this confidence is ignored by every score, so runs "
-                     "trained with other --min_confidence values compare.")
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
+  """The study's flags, declared on `values` (only when it runs as the program, so
+  they never clash with the trainer's flags of the same names)."""
+  v = {"flag_values": values}
+  flags.DEFINE_string("workdir", None, "Folder of the study: runs/, study.json, study.md.", **v)
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir (datasets are built there if missing).",
+                      **v)
+  flags.DEFINE_string("source_dataset", SOURCE_DATASET, "What the *_transfer recipes start from.",
+                      **v)
+  flags.DEFINE_string("target_dataset", TARGET_DATASET,
+                      "The small target set: trained on its train split, scored on its "
+                      "held-out (by sequence) validation and test splits.", **v)
+  flags.DEFINE_list("recipes", list(DEFAULT_RECIPES), f"Recipes to run, of {sorted(RECIPES)}.",
+                    **v)
+  flags.DEFINE_list("seeds", ["0", "1"], "Seeds of every target recipe (--seed).", **v)
+  flags.DEFINE_string("image_size", "64,48", "H,W of every run.", **v)
+  flags.DEFINE_integer("train_steps", 300, "Steps per stage of each target run (the budget).",
+                       **v)
+  flags.DEFINE_integer("source_train_steps", 600, "Steps per stage of each source run.", **v)
+  flags.DEFINE_integer("global_batch_size", 8, "Batch of every run.", **v)
+  flags.DEFINE_integer("eval_min_confidence", 2,
+                       "Ground truth below this confidence is ignored by every score, so runs "
+                       "trained with other --min_confidence values compare.", **v)
+  return values
 
 
-def base_config(model_dir: str, dataset: str, seed: int, steps: int, **overrides):
-  values = dict(model_dir=model_dir, dataset=dataset, data_dir=FLAGS.data_dir,
-                image_size=config_lib.parse_image_size(FLAGS.image_size),
-                global_batch_size=FLAGS.global_batch_size, train_steps=steps, seed=seed,
-                stage="all", mode="train", eval_min_confidence=FLAGS.eval_min_confidence,
+def base_config(f, model_dir: str, dataset: str, seed: int, steps: int, **overrides):
+  values = dict(model_dir=model_dir, dataset=dataset, data_dir=f.data_dir,
+                image_size=config_lib.parse_image_size(f.image_size),
+                global_batch_size=f.global_batch_size, train_steps=steps, seed=seed,
+                stage="all", mode="train", eval_min_confidence=f.eval_min_confidence,
                 num_predict_images=0, log_every_steps=100, checkpoint_every_steps=steps)
   values.update(overrides)
   config = config_lib.Config(**values)
@@ -132,29 +144,29 @@ def summary_table(runs: list, split: str) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
+def main(argv, f=flags.FLAGS):
   del argv
-  if not FLAGS.workdir:
+  if not f.workdir:
     raise app.UsageError("--workdir is required")
-  unknown = [r for r in FLAGS.recipes if r not in RECIPES]
+  unknown = [r for r in f.recipes if r not in RECIPES]
   if unknown:
     raise app.UsageError(f"--recipes: unknown {unknown}; valid {sorted(RECIPES)}")
-  seeds = [int(s) for s in FLAGS.seeds]
-  sources = sorted({RECIPES[r][1] for r in FLAGS.recipes} - {None})
-  total = len(sources) + len(FLAGS.recipes) * len(seeds)
+  seeds = [int(s) for s in f.seeds]
+  sources = sorted({RECIPES[r][1] for r in f.recipes} - {None})
+  total = len(sources) + len(f.recipes) * len(seeds)
   progress = progress_lib.Progress("transfer study", total, unit="runs", every_seconds=0)
   logging.info("transfer study: %d source run(s) %s, %d recipe(s) x %d seed(s); %s, %d steps "
                "per stage (source %d), batch %d, scored with confidence >= %d",
-               len(sources), sources, len(FLAGS.recipes), len(seeds), FLAGS.image_size,
-               FLAGS.train_steps, FLAGS.source_train_steps, FLAGS.global_batch_size,
-               FLAGS.eval_min_confidence)
-  runs_dir = os.path.join(FLAGS.workdir, "runs")
+               len(sources), sources, len(f.recipes), len(seeds), f.image_size,
+               f.train_steps, f.source_train_steps, f.global_batch_size,
+               f.eval_min_confidence)
+  runs_dir = os.path.join(f.workdir, "runs")
   source_dirs = {}
   for architecture in sources:
     overrides = dict(RECIPES[f"{architecture}_scratch"][0]) if (
         f"{architecture}_scratch" in RECIPES) else {"architecture": architecture}
-    config = base_config(os.path.join(runs_dir, f"source_{architecture}"), SOURCE_DATASET, 0,
-                         FLAGS.source_train_steps, **overrides)
+    config = base_config(f, os.path.join(runs_dir, f"source_{architecture}"), f.source_dataset, 0,
+                         f.source_train_steps, **overrides)
     started = time.time()
     train(config)
     keras.backend.clear_session()
@@ -162,16 +174,16 @@ def main(argv):
     progress.update(add=1, suffix=f"source {architecture} in {time.time() - started:.0f}s")
 
   # Runs of earlier invocations (other recipes or seeds) stay in the study.
-  planned = {(r, s) for r in FLAGS.recipes for s in seeds}
-  runs = [r for r in _previous_runs() if (r["recipe"], r["seed"]) not in planned]
-  for recipe in FLAGS.recipes:
+  planned = {(r, s) for r in f.recipes for s in seeds}
+  runs = [r for r in _previous_runs(f) if (r["recipe"], r["seed"]) not in planned]
+  for recipe in f.recipes:
     overrides, source = RECIPES[recipe]
     for seed in seeds:
       extra = dict(overrides)
       if source:
         extra["init_from"] = source_dirs[source]
-      config = base_config(os.path.join(runs_dir, f"{recipe}_seed{seed}"), TARGET_DATASET,
-                           seed, FLAGS.train_steps, **extra)
+      config = base_config(f, os.path.join(runs_dir, f"{recipe}_seed{seed}"), f.target_dataset,
+                           seed, f.train_steps, **extra)
       started = time.time()
       scores = train_and_score(config)
       runs.append({"recipe": recipe, "seed": seed, "model_dir": config.model_dir,
@@ -180,35 +192,35 @@ def main(argv):
       progress.update(add=1, suffix=(
           f"{recipe} seed {seed}: test abs_rel rough {test['rough']['abs_rel']:.3f} / finetune "
           f"{test['finetune']['abs_rel']:.3f}"))
-      _write(runs, source_dirs)  # after every run: an interrupted study keeps its results
-  logging.info("study written to %s/study.md", FLAGS.workdir)
+      _write(f, runs, source_dirs)  # after every run: an interrupted study keeps its results
+  logging.info("study written to %s/study.md", f.workdir)
 
 
-def _previous_runs() -> list:
-  path = os.path.join(FLAGS.workdir, "study.json")
+def _previous_runs(f) -> list:
+  path = os.path.join(f.workdir, "study.json")
   if not tf.io.gfile.exists(path):
     return []
-  with tf.io.gfile.GFile(path) as f:
-    return json.load(f)["runs"]
+  with tf.io.gfile.GFile(path) as stored:
+    return json.load(stored)["runs"]
 
 
-def _write(runs: list, source_dirs: dict) -> None:
-  tf.io.gfile.makedirs(FLAGS.workdir)
-  settings = {"image_size": FLAGS.image_size, "train_steps": FLAGS.train_steps,
-              "source_train_steps": FLAGS.source_train_steps,
-              "global_batch_size": FLAGS.global_batch_size,
-              "eval_min_confidence": FLAGS.eval_min_confidence, "source_runs": source_dirs,
-              "target": TARGET_DATASET, "source": SOURCE_DATASET}
-  with tf.io.gfile.GFile(os.path.join(FLAGS.workdir, "study.json"), "w") as f:
-    json.dump({"settings": settings, "runs": runs}, f, indent=2, sort_keys=True)
-  text = [f"# Transfer study: {TARGET_DATASET}, held-out rooms", "",
-          f"{FLAGS.image_size}, {FLAGS.train_steps} steps per stage (source runs "
-          f"{FLAGS.source_train_steps} on {SOURCE_DATASET}), batch {FLAGS.global_batch_size}, "
-          f"scored where confidence >= {FLAGS.eval_min_confidence}; ms_ = median-scaled.", ""]
+def _write(f, runs: list, source_dirs: dict) -> None:
+  tf.io.gfile.makedirs(f.workdir)
+  settings = {"image_size": f.image_size, "train_steps": f.train_steps,
+              "source_train_steps": f.source_train_steps,
+              "global_batch_size": f.global_batch_size,
+              "eval_min_confidence": f.eval_min_confidence, "source_runs": source_dirs,
+              "target": f.target_dataset, "source": f.source_dataset}
+  with tf.io.gfile.GFile(os.path.join(f.workdir, "study.json"), "w") as out:
+    json.dump({"settings": settings, "runs": runs}, out, indent=2, sort_keys=True)
+  text = [f"# Transfer study: {f.target_dataset}, held-out rooms", "",
+          f"{f.image_size}, {f.train_steps} steps per stage (source runs "
+          f"{f.source_train_steps} on {f.source_dataset}), batch {f.global_batch_size}, "
+          f"scored where confidence >= {f.eval_min_confidence}; ms_ = median-scaled.", ""]
   for split in SPLITS:
     text += [f"## {split}", "", summary_table(runs, split), ""]
-  with tf.io.gfile.GFile(os.path.join(FLAGS.workdir, "study.md"), "w") as f:
-    f.write("\n".join(text))
+  with tf.io.gfile.GFile(os.path.join(f.workdir, "study.md"), "w") as out:
+    out.write("\n".join(text))
 
 
 def _main(argv):
@@ -219,4 +231,5 @@ def _main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(_main)
