@@ -97,7 +97,7 @@ def test_preprocessing_is_the_applications():
 
 def test_weights_from_a_file_the_test_wrote(mobilenet_file, tmp_path, caplog):
   path, saved = mobilenet_file
-  with caplog.at_level("INFO"):
+  with caplog.at_level("INFO", logger="absl"):
     model = models.build_network("rough", "mobilenet_v3", SIZE, encoder_weights=path)
   _assert_same_weights(saved, model.get_layer(backbones.ENCODER_NAME))
   assert f"encoder mobilenet_v3: loaded file weights from {path}" in caplog.text

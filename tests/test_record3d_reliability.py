@@ -112,7 +112,7 @@ def test_build_records_provenance(prepared):
 
 def test_reuse_is_logged_and_a_stale_build_is_refused(prepared, caplog, bad_input):
   manual, data_dir = prepared
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     datasets.prepare_dataset("record3d/pairs", str(data_dir), str(manual), may_build=True)
   assert f"Using the prepared record3d/pairs in {data_dir}" in caplog.text
   assert f"from {manual.resolve()}" in caplog.text
@@ -227,7 +227,7 @@ def test_implausible_depth_scale_warns(tmp_path, caplog, bad_input):
       frame["depth"] *= 1.5 / np.median(frame["depth"][frame["depth"] > 0])
     writers.write_pairs_sequence(manual / f"tum{i}", frames, depth_scale=5000.0,
                                  write_manifest=False)
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.WARNING, logger="absl"):
     bad_input.build("pairs", manual, tmp_path / "d")
   for i in range(3):
     assert f"sequence tum{i}: median depth 7.50 m" in caplog.text

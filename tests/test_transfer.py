@@ -84,12 +84,12 @@ def test_bad_init_from_is_a_clear_error_before_anything_is_written(rough_run, ma
 # ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_mobilenet_v3_runs_every_stage_and_exports(make_config, tmp_path):
+  # mode=train (no eval, no report): the backbone's cost is its graph, traced per stage.
   config = make_config(tmp_path, architecture="mobilenet_v3", encoder_weights="none",
-                       train_steps=2, freeze_encoder_steps=1,
-                       encoder_learning_rate_multiplier=0.5, num_predict_images=1)
+                       train_steps=2, freeze_encoder_steps=1, mode="train",
+                       encoder_learning_rate_multiplier=0.5)
   results = stages.train_and_evaluate(config)
   assert [results[s].step for s in ("rough", "gradient", "finetune")] == [2, 2, 2]
-  assert np.isfinite(results["finetune"].metrics["rmse"])
   serving = tf.saved_model.load(workdir.export_dir(config)).signatures["serving_default"]
   images = np.random.default_rng(0).integers(0, 256, (1, 32, 24, 3), dtype=np.uint8)
   exported = serving(images=tf.constant(images))["depth"].numpy()
@@ -100,29 +100,6 @@ def test_mobilenet_v3_runs_every_stage_and_exports(make_config, tmp_path):
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(
       workdir.checkpoint_dir(config, "rough")))
   assert any(k.startswith("encoder_optimizer/") for k in reader.get_variable_to_shape_map())
-
-
-def test_freeze_encoder_steps_holds_the_encoder_then_trains_it(make_config, tmp_path):
-  config = make_config(tmp_path, architecture="mobilenet_v3", encoder_weights="none",
-                       stage="rough", mode="train", train_steps=2, freeze_encoder_steps=1,
-                       steps_per_loop=1, log_every_steps=1, checkpoint_every_steps=1)
-  stages.train_and_evaluate(config)
-  ckpt_dir = workdir.checkpoint_dir(config, "rough")
-
-  def encoder_and_rest(step):
-    model = train.stage_network(config, "rough")
-    tf.train.Checkpoint(model=model).restore(f"{ckpt_dir}/ckpt-{step}").expect_partial()
-    ids = {id(v) for v in models.encoder_variables(model)}
-    encoder = [v.numpy() for v in model.trainable_variables if id(v) in ids]
-    rest = [v.numpy() for v in model.trainable_variables if id(v) not in ids]
-    return encoder, rest
-
-  enc1, rest1 = encoder_and_rest(1)
-  enc2, rest2 = encoder_and_rest(2)
-  assert enc1 and rest1
-  # Step 2 trained the encoder (it was frozen during step 1) and the rest.
-  assert any(not np.array_equal(a, b) for a, b in zip(enc1, enc2))
-  assert any(not np.array_equal(a, b) for a, b in zip(rest1, rest2))
 
 
 def test_frozen_train_loop_leaves_the_encoder_alone(make_config, tmp_path):

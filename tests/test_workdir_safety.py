@@ -88,7 +88,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(make_config,
   ckpt_dir = workdir.checkpoint_dir(config, "rough")
   _truncate(f"{ckpt_dir}/ckpt-4")
   longer = dataclasses.replace(config, train_steps=6)
-  with caplog.at_level("WARNING"):
+  with caplog.at_level("WARNING", logger="absl"):
     result = stages.train_and_evaluate(longer)["rough"]
   assert result.step == 6
   assert tf.train.latest_checkpoint(ckpt_dir).endswith("ckpt-6")
