@@ -15,7 +15,7 @@ from trainer import benchmark
 from trainer import config as config_lib
 
 
-def _run(args, timeout=240):
+def _run(args, timeout=600):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   proc = subprocess.run([sys.executable, "-m", "trainer.benchmark", *args], env=env,
                         capture_output=True, text=True, timeout=timeout)
@@ -35,9 +35,15 @@ def test_benchmark_reports_every_figure(tiny_record3d, tmp_path):
       "--dataset=record3d/pairs", f"--data_dir={data_dir}", f"--manual_dir={manual_dir}",
       "--image_sizes=32,24", "--image_sizes=48,36", "--scaling_sizes=16,16",
       "--pipeline_image_size=32,24",
-      "--architectures=seed,unet", "--steps=1", "--warmup_steps=0", "--batch_size=2",
+      # One Keras backbone stands for both (same code path; resnet50 traces slower).
+      "--architectures=seed,unet,mobilenet_v3", "--steps=1", "--warmup_steps=0", "--batch_size=2",
       "--pipeline_batches=3", "--seed_loader_examples=8", "--matmul_size=128",
       "--matmul_repeats=2", "--accuracy_budget_seconds=1", "--accuracy_image_size=16,16",
+      "--accuracy_architectures=seed,unet",  # the backbones' runs are the same code, slower
+      # The real-size part at tiny sizes: 20 frames, 64x48 JPEG, 32x24 PNG.
+      "--real_size_frames=20", "--real_image_size=64,48", "--real_depth_size=32,24",
+      "--real_train_sizes=16,12", "--real_train_sizes=32,24", "--png_image_size=32,24",
+      "--png_train_size=16,12", "--real_steady_batches=2",
       f"--workdir={tmp_path / 'work'}", f"--json={out}"])
   result = json.loads(out.read_text())
 
@@ -59,7 +65,8 @@ def test_benchmark_reports_every_figure(tiny_record3d, tmp_path):
   steps = result["train_step"]
   points = {(r["architecture"], tuple(r["image_size"])) for r in steps}
   # 3 sizes for each architecture; the default configuration (unet, 32x24) among them.
-  assert points == {(a, s) for a in ("seed", "unet") for s in ((16, 16), (32, 24), (48, 36))}
+  architectures = ("seed", "unet", "mobilenet_v3")  # a backbone timed like the others
+  assert points == {(a, s) for a in architectures for s in ((16, 16), (32, 24), (48, 36))}
   for r in steps:
     for key in ("step_seconds_median", "examples_per_s", "forward_flops_per_example",
                 "train_flops_per_example", "achieved_flops_per_s", "fraction_of_matmul",
@@ -84,11 +91,28 @@ def test_benchmark_reports_every_figure(tiny_record3d, tmp_path):
     for key in ("abs_rel", "delta1", "rmse"):
       assert math.isfinite(r["test_metrics"][key]), (key, r["test_metrics"])
 
+  real = result["real_size"]
+  assert real["image_size"] == [64, 48] and real["depth_size"] == [32, 24]
+  assert [q["image_size"] for q in real["points"]] == [[16, 12], [32, 24]]
+  for q in real["points"] + [real["png"]]:
+    for key in ("tfdata_first_pass_examples_per_s", "tfdata_steady_examples_per_s",
+                "tfdata_first_pass_one_thread_examples_per_s",
+                "tfdata_first_pass_examples_per_s_per_core", "seed_loader_examples_per_s",
+                "ratio_first_pass"):
+      _positive(q[key], key)
+    assert q["train_files"] == 16  # 80% of the 20 frames, read by both loaders
+  for q in real["points"]:
+    assert q["stored"] == "jpeg" and q["train_architecture"] == "unet"
+    for key in ("train_examples_per_s", "first_pass_over_training", "steady_over_training"):
+      _positive(q[key], key)
+  assert real["png"]["stored"] == "png" and real["png"]["image_size"] == [16, 12]
+
   names = [t["name"] for t in result["targets"]]
-  assert len(names) == 9 and all(isinstance(t["met"], bool) for t in result["targets"])
+  assert len(names) == 12 and all(isinstance(t["met"], bool) for t in result["targets"])
   # The printed report carries the same figures.
   for heading in ("Input pipeline", "Train step", "FLOPs per example", "Default configuration",
-                  "Equal wall-clock budget", "Targets"):
+                  "Equal wall-clock budget", "Real size", "first pass vs training",
+                  "Targets"):
     assert heading in proc.stdout
 
 

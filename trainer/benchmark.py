@@ -27,6 +27,19 @@ printed for context only. What is measured:
 5. Optionally (--accuracy_budget_seconds=N): each architecture trained for the
    same wall-clock budget with the real loop (`train.train_stage`,
    stage rough) and evaluated on the test split.
+6. The phone's real sizes (--real_size_frames > 0): frames rendered by
+   `tfds_record3d.synthetic` at 960x720 with 256x192 depth, written as a
+   `pairs` folder of JPEGs (stored unchanged by the builder) and built with
+   TFDS; for each --real_train_sizes (192x144, 256x192): the tf.data first
+   pass (JPEG decoded at reduced scale, input_pipeline.decode_image) on all
+   cores and on one thread, its steady state, the seed-style PIL loader on the
+   SAME train-split files, and the default architecture's training
+   consumption at that size. The same frames stored as 320x240 PNG give the
+   PNG first-pass ratio.
+
+Every architecture of models.ARCHITECTURES is timed by default, the Keras
+backbones (mobilenet_v3, resnet50) from random weights (encoder_weights none:
+FLOPs and step time do not depend on the weights, and nothing is downloaded).
 
 FLOP convention: `count_flops` counts one forward pass (1 MAC = 2 FLOPs,
 convolutions only); a training step is counted as 3x forward (the backward
@@ -112,6 +125,23 @@ flags.DEFINE_integer("accuracy_budget_seconds", 0,
                      "about this many seconds with the real loop, then evaluate on the test "
                      "split. train_steps = budget x the steps/s measured here.")
 flags.DEFINE_string("accuracy_image_size", "64,48", "H,W of the equal-budget accuracy runs.")
+flags.DEFINE_list("accuracy_architectures", None,
+                  "Architectures of the equal-budget accuracy runs (default: --architectures).")
+flags.DEFINE_integer("real_size_frames", 160,
+                     "Frames rendered for the real-size part (2 sequences; 80% of them are "
+                     "the train split that is timed); 0 skips that part.")
+flags.DEFINE_string("real_image_size", "960,720",
+                    "H,W of the real-size part's JPEG RGB (Record3D's portrait 960x720), "
+                    "rendered at this size by tfds_record3d.synthetic.")
+flags.DEFINE_string("real_depth_size", "256,192", "H,W of the real-size part's depth (LiDAR).")
+flags.DEFINE_multi_string("real_train_sizes", ["192,144", "256,192"],
+                          "Training sizes H,W of the real-size part (repeat the flag); the "
+                          "first carries the targets.")
+flags.DEFINE_string("png_image_size", "320,240",
+                    "H,W of the same frames stored as PNG for the PNG first-pass ratio.")
+flags.DEFINE_string("png_train_size", _DEFAULT_SIZE, "Training size H,W for the PNG ratio.")
+flags.DEFINE_integer("real_steady_batches", 20,
+                     "Steady-state batches timed per real-size point (after the first pass).")
 flags.DEFINE_string("workdir", None,
                     "Scratch folder (PNG export, accuracy runs); default a new temp folder.")
 flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
@@ -171,18 +201,25 @@ def measure_matmul(n: int, repeats: int) -> dict:
 # ----------------------------------------------------------------------------
 # Input pipeline: the real tf.data one against a seed-style PIL loader.
 # ----------------------------------------------------------------------------
-def measure_tf_data(config: Config, builder, num_batches: int) -> dict:
+def measure_tf_data(config: Config, builder, num_batches: int, threads: int = 0) -> dict:
   """The real training pipeline of the gradient stage (it adds the Sobel target).
 
   first pass: the first epoch's worth of batches from a fresh iterator; every
     example is read and decoded once (plus the shuffle buffer's fill).
   steady: the next `num_batches`, after a few untimed ones; the split is now
     cached in memory, as it is for the rest of training.
+  threads > 0: the whole pipeline on a private pool of that many threads, one
+    op at a time inside each (what that many cores deliver).
   """
   num_train = datasets.num_examples(builder, "train")
   batch = config.global_batch_size
   first_batches = max(1, num_train // batch)
   dataset = input_pipeline.train_dataset(config, "gradient", builder)
+  if threads:
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+    dataset = dataset.with_options(options)
   iterator = iter(dataset)
   progress = progress_lib.Progress("tf.data first pass", first_batches, unit="batches")
   start = time.perf_counter()
@@ -236,25 +273,33 @@ def _numpy_sobel_magnitude(depth: np.ndarray, mask: np.ndarray):
   return np.sqrt(gx * gx + gy * gy) / 8.0 * target_mask, target_mask
 
 
-def seed_style_batches(folder: str, size: Tuple[int, int], batch: int, config: Config, seed: int = 0):
-  """The notebook's way: list X/ and Y/, match by sorted name, decode each PNG
+def seed_folder_files(folder: str):
+  """(RGB, depth) file pairs of an X/ Y/ folder, matched by sorted name as the
+  notebook did; depth PNGs in millimeters."""
+  xs = sorted(os.listdir(os.path.join(folder, "X")))
+  ys = sorted(os.listdir(os.path.join(folder, "Y")))
+  return [(os.path.join(folder, "X", x), os.path.join(folder, "Y", y)) for x, y in zip(xs, ys)]
+
+
+def seed_style_batches(files, size: Tuple[int, int], batch: int, config: Config, seed: int = 0,
+                       units_per_meter: float = 1000.0):
+  """The notebook's way: for (RGB, 16-bit depth PNG) file pairs, decode each
   with PIL in a Python loop, resize, stack into numpy batches. Produces the
   same tensors as the tf.data pipeline (image, depth, mask, Sobel target and
   its mask) minus augmentation, which the seed did not have."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  xs = sorted(os.listdir(os.path.join(folder, "X")))
-  ys = sorted(os.listdir(os.path.join(folder, "Y")))
-  order = np.random.default_rng(seed).permutation(len(xs))  # model.fit shuffled
+  order = np.random.default_rng(seed).permutation(len(files))  # model.fit shuffled
   height, width = size
   for start in range(0, len(order) - batch + 1, batch):
     out = {k: [] for k in ("image", "depth", "mask", "target", "target_mask")}
     for i in order[start:start + batch]:
-      with Image.open(os.path.join(folder, "X", xs[i])) as rgb:
+      rgb_path, depth_path = files[i]
+      with Image.open(rgb_path) as rgb:
         image = rgb.convert("RGB").resize((width, height), Image.BILINEAR)
       image = np.asarray(image, np.float32) / 255.0
-      with Image.open(os.path.join(folder, "Y", ys[i])) as png:
+      with Image.open(depth_path) as png:
         depth = png.convert("I").resize((width, height), Image.NEAREST)
-      depth = np.asarray(depth, np.float32) / 1000.0
+      depth = np.asarray(depth, np.float32) / units_per_meter
       mask = ((depth > config.min_depth) & (depth < config.max_depth)).astype(np.float32)
       depth *= mask
       target, target_mask = _numpy_sobel_magnitude(depth, mask)
@@ -264,17 +309,92 @@ def seed_style_batches(folder: str, size: Tuple[int, int], batch: int, config: C
     yield {k: np.stack(v) for k, v in out.items()}
 
 
-def measure_seed_loader(folder: str, size, batch: int, config: Config) -> dict:
-  count = len(os.listdir(os.path.join(folder, "X")))
-  total = count // batch
+def measure_seed_loader(files, size, batch: int, config: Config,
+                        units_per_meter: float = 1000.0) -> dict:
+  total = len(files) // batch
   progress = progress_lib.Progress("seed-style PIL loader", total, unit="batches")
   start = time.perf_counter()
   examples = 0
-  for i, element in enumerate(seed_style_batches(folder, size, batch, config)):
+  for i, element in enumerate(seed_style_batches(files, size, batch, config,
+                                                 units_per_meter=units_per_meter)):
     examples += element["image"].shape[0]
     progress.update(i + 1)
   seconds = time.perf_counter() - start
   return {"examples_per_s": examples / seconds, "examples": examples}
+
+
+# ----------------------------------------------------------------------------
+# The phone's real sizes: 960x720 JPEG + 256x192 depth, as a `pairs` folder.
+# ----------------------------------------------------------------------------
+def build_real_size_datasets(workdir: str, frames: int, image_size, depth_size, png_size):
+  """Untimed: renders `frames` frames (2 sequences) with our synthetic code AT
+  `image_size` (no upscaling: the JPEGs carry real-size detail and noise),
+  writes them as two `pairs` manual folders, JPEG RGB at `image_size` (our
+  writer's quality 95, stored unchanged by the builder) and the same frames
+  downsized (PIL bilinear) to `png_size` as PNG, both with 16-bit mm depth
+  PNGs at `depth_size`, and builds both with TFDS. Reused when already built
+  under `workdir`. Returns {"jpeg"|"png": (builder, manual_dir)}."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from tfds_record3d import synthetic  # pylint: disable=g-import-not-at-top
+  from tfds_record3d import writers  # pylint: disable=g-import-not-at-top
+  root = os.path.join(workdir, f"real_{size_name(image_size)}_{frames}")
+  kinds = {"jpeg": (image_size, ".jpg"), "png": (png_size, ".png")}
+  out = {}
+  for kind, (size, _) in kinds.items():
+    data_dir = os.path.join(root, f"tfds_{kind}")
+    builder = tfds.builder("record3d/pairs", data_dir=data_dir)
+    out[kind] = (builder, os.path.join(root, f"manual_{kind}"))
+  if all(b.is_prepared() for b, _ in out.values()):
+    return out
+  per_sequence = [frames // 2, frames - frames // 2]
+  for index, count in enumerate(per_sequence):
+    examples = list(synthetic.render_sequence(seed=500 + index, num_frames=count,
+                                              image_size=tuple(image_size),
+                                              depth_size=tuple(depth_size)))
+    writers.write_pairs_sequence(os.path.join(root, "manual_jpeg", f"seq_{index}"), examples)
+    small = [dict(e, image=np.asarray(Image.fromarray(e["image"]).resize(
+        (png_size[1], png_size[0]), Image.BILINEAR))) for e in examples]
+    writers.write_pairs_sequence(os.path.join(root, "manual_png", f"seq_{index}"), small,
+                                 image_suffix=".png")
+  for kind, (builder, manual_dir) in out.items():
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return out
+
+
+def split_files(builder, manual_dir: str, split: str = "train"):
+  """The (RGB, depth) files of a `pairs` split, from its `source` feature
+  (seq/rgb/000012.jpg -> seq/depth/000012.png): the seed-style loader reads
+  exactly the files the tf.data pipeline reads."""
+  ds = input_pipeline.read_split(builder, split, shuffle_files=False)
+  files = []
+  for source in ds.map(lambda ex: ex["source"]).as_numpy_iterator():
+    rgb = os.path.join(manual_dir, source.decode())
+    sequence, _, name = source.decode().rsplit("/", 2)
+    stem = os.path.splitext(name)[0]
+    files.append((rgb, os.path.join(manual_dir, sequence, "depth", stem + ".png")))
+  return files
+
+
+def real_size_point(base: Config, builder, manual_dir: str, size, kind: str,
+                    steady_batches: int) -> dict:
+  """One (stored format, training size): tf.data first pass (all cores and one
+  thread), steady state, and the seed-style loader on the same train files."""
+  config = dataclasses.replace(base, image_size=tuple(size))
+  tf_data = measure_tf_data(config, builder, steady_batches)
+  one_thread = measure_tf_data(config, builder, 1, threads=1)
+  files = split_files(builder, manual_dir)
+  seed = measure_seed_loader(files, tuple(size), base.global_batch_size, config)
+  return {"stored": kind, "image_size": list(size), "batch_size": base.global_batch_size,
+          "train_files": len(files),
+          "tfdata_first_pass_examples_per_s": tf_data["first_pass_examples_per_s"],
+          "tfdata_first_pass_examples": tf_data["first_pass_examples"],
+          "tfdata_steady_examples_per_s": tf_data["steady_examples_per_s"],
+          "tfdata_first_pass_one_thread_examples_per_s": one_thread["first_pass_examples_per_s"],
+          "tfdata_first_pass_examples_per_s_per_core":
+              tf_data["first_pass_examples_per_s"] / (os.cpu_count() or 1),
+          "seed_loader_examples_per_s": seed["examples_per_s"],
+          "ratio_first_pass": tf_data["first_pass_examples_per_s"] / seed["examples_per_s"]}
 
 
 # ----------------------------------------------------------------------------
@@ -414,6 +534,31 @@ def format_report(result: dict) -> str:
                    _g(t.get("abs_rel", float("nan"))), _g(t.get("delta1", float("nan"))),
                    _g(t.get("rmse", float("nan")))])
     out.append(_table(["arch", "steps", "train wall s", "abs_rel", "delta1", "rmse m"], rows))
+  if result.get("real_size"):
+    r = result["real_size"]
+    out.append("")
+    out.append(f"Real size: {r['frames']} frames rendered at {size_name(r['image_size'])} "
+               f"(JPEG q95, stored unchanged) with {size_name(r['depth_size'])} depth, and "
+               f"the same frames as {size_name(r['png_image_size'])} PNG; gradient stage, "
+               f"batch {result['config']['batch_size']}, train split "
+               f"({r['points'][0]['train_files'] if r['points'] else r['png']['train_files']} "
+               "files), examples/s:")
+    rows = []
+    for q in r["points"] + [r["png"]]:
+      source = size_name(r["image_size"] if q["stored"] == "jpeg" else r["png_image_size"])
+      rows.append([f"{source} {q['stored'].upper()} -> {size_name(q['image_size'])}",
+                   _g(q["seed_loader_examples_per_s"]), _g(q["tfdata_first_pass_examples_per_s"]),
+                   f"{q['ratio_first_pass']:.2f}x",
+                   _g(q["tfdata_first_pass_examples_per_s_per_core"]),
+                   _g(q["tfdata_first_pass_one_thread_examples_per_s"]),
+                   _g(q["tfdata_steady_examples_per_s"]),
+                   (f"{_g(q['train_examples_per_s'])} ({q['train_architecture']})"
+                    if "train_examples_per_s" in q else "-"),
+                   f"{q['first_pass_over_training']:.1f}x" if "train_examples_per_s" in q else "-"])
+    out.append(_table(["input -> training size", "seed-style PIL", "tf.data first pass",
+                       "first pass vs PIL", "first pass per core (/nproc)",
+                       "first pass, 1 thread", "tf.data steady", "training consumes",
+                       "first pass vs training"], rows))
   out.append("")
   out.append("Targets:")
   out.append(_table(["target", "measured", "met"],
@@ -442,6 +587,21 @@ def targets(result: dict) -> list:
     if tuple(int(v) for v in size.split("x")) in main_sizes:
       out.append({"name": f"unet >= 10x fewer FLOPs/example than seed ({size})",
                   "measured": f"{ratio:.1f}x", "met": ratio >= 10})
+  if result.get("real_size"):
+    r = result["real_size"]
+    if r["points"]:
+      q = r["points"][0]
+      name = f"{size_name(r['image_size'])} JPEG -> {size_name(q['image_size'])}"
+      out.append({"name": f"{name}: tf.data first pass >= 3x seed-style PIL loader",
+                  "measured": f"{q['ratio_first_pass']:.2f}x", "met": q["ratio_first_pass"] >= 3})
+      out.append({"name": f"{name}: tf.data first pass >= 5x {q['train_architecture']} "
+                          "training consumption",
+                  "measured": f"{q['first_pass_over_training']:.1f}x",
+                  "met": q["first_pass_over_training"] >= 5})
+    q = r["png"]
+    out.append({"name": f"{size_name(r['png_image_size'])} PNG -> {size_name(q['image_size'])}: "
+                        "tf.data first pass >= 3x seed-style PIL loader",
+                "measured": f"{q['ratio_first_pass']:.2f}x", "met": q["ratio_first_pass"] >= 3})
   if result.get("accuracy"):
     runs = {r["architecture"]: r["test_metrics"] for r in result["accuracy"]["runs"]}
     if "seed" in runs and "unet" in runs:
@@ -468,17 +628,32 @@ def run_benchmark() -> dict:
   if len(scaling) < 3:
     raise app.UsageError("step time against pixels needs at least 3 distinct sizes in "
                          "--image_sizes + --scaling_sizes")
-  for arch in FLAGS.architectures:
-    if arch not in models.ARCHITECTURES:
-      raise app.UsageError(f"--architectures: unknown {arch!r}; valid {models.ARCHITECTURES}")
+  accuracy_architectures = FLAGS.accuracy_architectures or FLAGS.architectures
+  for flag, names in (("--architectures", FLAGS.architectures),
+                      ("--accuracy_architectures", accuracy_architectures)):
+    for arch in names:
+      if arch not in models.ARCHITECTURES:
+        raise app.UsageError(f"{flag}: unknown {arch!r}; valid {models.ARCHITECTURES}")
   if min(FLAGS.steps, FLAGS.batch_size, FLAGS.pipeline_batches, FLAGS.matmul_repeats) < 1:
     raise app.UsageError("--steps, --batch_size, --pipeline_batches and --matmul_repeats must be >= 1")
   if FLAGS.seed_loader_examples < FLAGS.batch_size:
     raise app.UsageError("--seed_loader_examples must be at least --batch_size")
+  real_image = config_lib.parse_image_size(FLAGS.real_image_size, "--real_image_size")
+  real_depth = config_lib.parse_image_size(FLAGS.real_depth_size, "--real_depth_size")
+  real_train = [config_lib.parse_image_size(s, "--real_train_sizes")
+                for s in FLAGS.real_train_sizes]
+  png_image = config_lib.parse_image_size(FLAGS.png_image_size, "--png_image_size")
+  png_train = config_lib.parse_image_size(FLAGS.png_train_size, "--png_train_size")
+  if FLAGS.real_size_frames and FLAGS.real_size_frames < 10 * FLAGS.batch_size // 4:
+    raise app.UsageError("--real_size_frames: too few for a train split of 2 batches "
+                         "(80% of the frames); 0 skips the real-size part")
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="depth2d_benchmark_")
   os.makedirs(workdir, exist_ok=True)
   base = Config(model_dir=workdir, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-                manual_dir=FLAGS.manual_dir, global_batch_size=FLAGS.batch_size)
+                manual_dir=FLAGS.manual_dir, global_batch_size=FLAGS.batch_size,
+                # The backbone architectures are timed from random weights: no
+                # ImageNet download, and FLOPs / step time do not depend on them.
+                encoder_weights="none")
   result = {"machine": machine_info(),
             "config": {"dataset": FLAGS.dataset, "batch_size": FLAGS.batch_size,
                        "image_sizes": [list(s) for s in image_sizes],
@@ -500,8 +675,9 @@ def run_benchmark() -> dict:
   points = [(a, s) for a in FLAGS.architectures for s in scaling]
   if default_point not in points:
     points.append(default_point)
-  phases = 3 + len(points) * (2 if FLAGS.jit_compile else 1) + (
-      2 if FLAGS.accuracy_budget_seconds > 0 else 0)
+  real_points = len(real_train) + 2 if FLAGS.real_size_frames else 0  # + build, + PNG
+  phases = 3 + len(points) * (2 if FLAGS.jit_compile else 1) + real_points + (
+      len(accuracy_architectures) if FLAGS.accuracy_budget_seconds > 0 else 0)
   phase = [0]
 
   def begin(what: str) -> None:
@@ -520,7 +696,8 @@ def run_benchmark() -> dict:
   count = export_seed_folders(builder, folder, FLAGS.seed_loader_examples)
   if count < FLAGS.batch_size:
     raise ValueError(f"only {count} training examples: fewer than --batch_size")
-  seed_loader = measure_seed_loader(folder, pipeline_size, FLAGS.batch_size, pipeline_config)
+  seed_loader = measure_seed_loader(seed_folder_files(folder), pipeline_size, FLAGS.batch_size,
+                                    pipeline_config)
   result["input_pipeline"] = {
       "image_size": list(pipeline_size), "batch_size": FLAGS.batch_size, "stage": "gradient",
       "tfdata_first_pass_examples_per_s": tf_data["first_pass_examples_per_s"],
@@ -570,12 +747,50 @@ def run_benchmark() -> dict:
       "train_examples_per_s": default_step["examples_per_s"],
       "ratio": tf_data["steady_examples_per_s"] / default_step["examples_per_s"]}
 
+  # 6. The phone's real sizes (JPEG) and the same frames as PNG.
+  if FLAGS.real_size_frames:
+    begin(f"real-size datasets ({FLAGS.real_size_frames} frames rendered at "
+          f"{size_name(real_image)}, built as pairs JPEG and {size_name(png_image)} PNG)")
+    built = build_real_size_datasets(workdir, FLAGS.real_size_frames, real_image, real_depth,
+                                     png_image)
+    jpeg_builder, jpeg_manual = built["jpeg"]
+    real = []
+    for size in real_train:
+      begin(f"real size: {size_name(real_image)} JPEG -> {size_name(size)}")
+      point = real_size_point(base, jpeg_builder, jpeg_manual, size, "jpeg",
+                              FLAGS.real_steady_batches)
+      # The default architecture's training consumption at this size (the step
+      # table's figure when it has this size, else timed now the same way).
+      step = by_point.get((base.architecture, tuple(size)))
+      if step is None:
+        config = dataclasses.replace(base, image_size=tuple(size))
+        step = measure_train_step(config, jpeg_builder, strategy, policy, FLAGS.steps,
+                                  FLAGS.warmup_steps)
+        keras.backend.clear_session()
+        precision.set_global_policy(policy)
+      point["train_architecture"] = base.architecture
+      point["train_examples_per_s"] = step["examples_per_s"]
+      point["first_pass_over_training"] = (point["tfdata_first_pass_examples_per_s"]
+                                           / step["examples_per_s"])
+      point["steady_over_training"] = point["tfdata_steady_examples_per_s"] / step["examples_per_s"]
+      real.append(point)
+    begin(f"real size: {size_name(png_image)} PNG -> {size_name(png_train)}")
+    png_builder, png_manual = built["png"]
+    png = real_size_point(base, png_builder, png_manual, png_train, "png",
+                          FLAGS.real_steady_batches)
+    result["real_size"] = {
+        "frames": FLAGS.real_size_frames, "image_size": list(real_image),
+        "depth_size": list(real_depth), "png_image_size": list(png_image),
+        "rendered": f"tfds_record3d.synthetic.render_sequence at {size_name(real_image)} "
+                    f"(no upscaling); PNG = the same frames downsized with PIL bilinear",
+        "points": real, "png": png}
+
   # 5. Equal wall-clock budget.
   if FLAGS.accuracy_budget_seconds > 0:
     accuracy_size = config_lib.parse_image_size(FLAGS.accuracy_image_size,
                                                 "--accuracy_image_size")
     runs = []
-    for arch in FLAGS.architectures:
+    for arch in accuracy_architectures:
       rate = by_point.get((arch, accuracy_size))
       if rate is None:  # not timed above: time it now, the same way
         config = dataclasses.replace(base, architecture=arch, image_size=accuracy_size)

@@ -39,6 +39,7 @@ class Config:
   max_depth: float = 10.0
   augment: bool = True
   shuffle_buffer: int = 256
+  cache_dir: Optional[str] = None  # None: in memory when the split fits, else no cache
   # Which depth pixels count: confidence below this is invalid, like a hole.
   min_confidence: int = 1
   eval_min_confidence: Optional[int] = None  # None: --min_confidence
@@ -109,7 +110,7 @@ RESUMABLE_FIELDS = frozenset({
     "checkpoint_every_steps", "keep_checkpoints", "eval_split", "num_eval_examples",
     "num_image_summaries", "strategy", "num_devices", "tpu", "mixed_precision",
     "num_predict_images", "config_mismatch", "rebuild_dataset", "eval_min_confidence",
-    "tflite", "tflite_input_size", "tflite_calibration_examples",
+    "tflite", "tflite_input_size", "tflite_calibration_examples", "cache_dir",
     # Only read when a stage starts from nothing: a resumed run ignores them.
     "init_from",
 })
@@ -182,6 +183,10 @@ def define_flags() -> None:
                    "The same for the metrics only (default: --min_confidence), so runs "
                    "trained with different masks are scored alike.")
   f.DEFINE_bool("augment", default.augment, "Horizontal flip and colour jitter on training examples.")
+  f.DEFINE_string("cache_dir", default.cache_dir,
+                  "Cache the decoded, resized training split in files here (for splits that do "
+                  "not fit in memory; by default a split that fits is cached in memory). One "
+                  "run per folder at a time.")
   f.DEFINE_integer("shuffle_buffer", default.shuffle_buffer, "Training shuffle buffer (examples).")
   f.DEFINE_enum("stage", default.stage, stages.STAGE_CHOICES,
                 "rough: the seed's baseline net; gradient: predicts the Sobel edges of depth; "

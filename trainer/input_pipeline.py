@@ -1,6 +1,12 @@
 """tf.data input pipeline from the TFDS `record3d` dataset (or any TFDS name with
 the same features: `image` uint8 [H,W,3], `depth` float32 meters [Hd,Wd], 0 invalid).
 
+Every split is read with `read_split`: the `image` feature arrives as its
+stored bytes (TFDS' decoding skipped) and `decode_image` decodes it here, a
+JPEG at reduced scale (libjpeg's DCT-domain downscaling, `ratio` 1/2/4/8) when
+the training size allows, anything else (PNG) fully, as TFDS would. Training,
+eval and the median depth all read this way, so they see the same tensors.
+
 Each element after `preprocess` is a dict of float32 tensors at the training size:
   image [H,W,3] in [0,1]; depth [H,W,1] meters (0 invalid); mask [H,W,1] in {0,1};
   target [H,W,1] / target_mask [H,W,1]: depth itself, or its Sobel magnitude for the
@@ -10,7 +16,10 @@ Each element after `preprocess` is a dict of float32 tensors at the training siz
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
+import os
 from typing import Optional, TYPE_CHECKING
 
 import numpy as np
@@ -43,20 +52,76 @@ def preprocess(example: dict, config: Config, stage: str, training: bool,
 def resize_example(example: dict, config: Config, min_confidence: int = 0) -> dict:
   """The deterministic part: {image [H,W,3] in [0,1], depth [H,W,1] meters, 0 invalid}.
 
-  Depth outside (--min_depth, --max_depth), or whose `confidence` is below
+  `image` may be decoded uint8 [Hs,Ws,3] or the stored JPEG/PNG bytes (a scalar
+  string from `read_split`): bytes are decoded by `decode_image` first. Depth
+  outside (--min_depth, --max_depth), or whose `confidence` is below
   `min_confidence`, is invalid BEFORE resizing, so it never mixes into valid
   pixels at any size (depth_ops.resize_depth).
   """
-  image = preprocessing.network_input(example["image"], config.image_size)  # [H,W,3] in [0,1]
+  image = tf.convert_to_tensor(example["image"])
+  if image.dtype == tf.string:
+    image = decode_image(image, config.image_size)  # uint8 [>=H, >=W, 3] for a JPEG
+  image = preprocessing.network_input(image, config.image_size)  # [H,W,3] in [0,1]
+  return {"image": image, "depth": resize_depth_example(example, config, min_confidence)}
 
+
+def resize_depth_example(example: dict, config: Config, min_confidence: int = 0) -> tf.Tensor:
+  """Depth [Hd,Wd] -> [H,W,1] meters at the training size, 0 invalid (see resize_example)."""
   depth = tf.cast(example["depth"], tf.float32)[..., None]  # [Hd,Wd,1]
   valid = (depth > config.min_depth) & (depth < config.max_depth)
   if min_confidence > 0 and "confidence" in example:
     valid &= tf.cast(example["confidence"], tf.int32)[..., None] >= min_confidence
   depth = tf.where(valid, depth, tf.zeros_like(depth))  # 0 = invalid from here on
   depth = depth_ops.resize_depth(depth, config.image_size, method=config.depth_resize)
-  depth = tf.ensure_shape(depth, (*config.image_size, 1))
-  return {"image": image, "depth": depth}
+  return tf.ensure_shape(depth, (*config.image_size, 1))
+
+
+# ----------------------------------------------------------------------------
+# Image decoding: JPEG at reduced scale, PNG (anything else) as TFDS does.
+# ----------------------------------------------------------------------------
+JPEG_RATIOS = (8, 4, 2, 1)  # the scales libjpeg decodes to in the DCT domain
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def jpeg_ratio(source_size, size) -> int:
+  """The largest libjpeg ratio whose output, ceil(Hs/r) x ceil(Ws/r), is still at
+  least the training size (H, W) on both sides; 1 if the source is smaller."""
+  for ratio in JPEG_RATIOS:
+    if all(-(-s // ratio) >= t for s, t in zip(source_size, size)):
+      return ratio
+  return 1
+
+
+def decode_image(encoded: tf.Tensor, size) -> tf.Tensor:
+  """Stored bytes (scalar string) -> uint8 [h,w,3] ready for network_input(., size).
+
+  JPEG (magic bytes FF D8 FF): decoded at 1/ratio scale with `jpeg_ratio` (so a
+  960x720 frame for 192x144 training is decoded at 240x180: ~1/16 of the IDCT
+  and colour conversion work, and a 16x smaller resize), then network_input's
+  antialiased resize takes it to `size`; the tolerance against full decode +
+  resize is measured in tests/test_input_pipeline.py. Anything else (PNG):
+  `tf.io.decode_image(channels=3)`, the op TFDS' Image feature decodes with,
+  so those tensors are unchanged.
+  """
+  is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC)
+  image = tf.cond(is_jpeg, lambda: _decode_jpeg_reduced(encoded, size),
+                  lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+  return tf.ensure_shape(image, (None, None, 3))
+
+
+def _decode_jpeg_reduced(encoded: tf.Tensor, size) -> tf.Tensor:
+  # `ratio` is an attribute of the op (a Python int), while the source size is
+  # only known per example (a pairs folder may mix sizes): read it from the
+  # JPEG header ([Hs, Ws, channels], no decode), pick the ratio in the graph as
+  # jpeg_ratio does, and switch between one decode op per ratio.
+  source = tf.io.extract_jpeg_shape(encoded)[:2]  # int32 [2]
+  fits = [tf.reduce_all((source + (ratio - 1)) // ratio >= tf.constant(size, tf.int32))
+          for ratio in JPEG_RATIOS[:-1]]  # ratio 1 always "fits"
+  index = tf.argmax(tf.cast(tf.stack(fits + [tf.constant(True)]), tf.int32),
+                    output_type=tf.int32)  # first True: the largest ratio that fits
+  branches = [functools.partial(tf.io.decode_jpeg, encoded, channels=3, ratio=ratio)
+              for ratio in JPEG_RATIOS]
+  return tf.switch_case(index, branches)
 
 
 def finish_example(resized: dict, stage: str, augment_it: bool,
@@ -109,18 +174,39 @@ def _per_replica_batch(config: Config, input_context) -> int:
   return input_context.get_per_replica_batch_size(config.global_batch_size)
 
 
+def read_split(builder: tfds.core.DatasetBuilder, split: str, shuffle_files: bool,
+               read_config: Optional[tfds.ReadConfig] = None) -> tf.data.Dataset:
+  """The split's examples with `image` as its stored bytes (scalar tf.string):
+  resize_example decodes it (decode_image), at reduced scale for a JPEG."""
+  return builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+
+
 def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
                   input_context: Optional[tf.distribute.InputContext] = None,
-                  split: str = "train") -> tf.data.Dataset:
-  """Infinite, shuffled, augmented, batched (drop_remainder: static shapes for TPU)."""
+                  split: str = "train", cache_dir: Optional[str] = None) -> tf.data.Dataset:
+  """Infinite, shuffled, augmented, batched (drop_remainder: static shapes for TPU).
+
+  cache_dir: a folder (local or gs://) for a `tf.data` file cache of the
+    decoded, resized split: for splits too big for memory, or to skip decoding
+    in later runs (disk_cache_path); None: --cache_dir (config.cache_dir),
+    else no disk cache.
+  """
+  if cache_dir is None:
+    cache_dir = config.cache_dir
   read_config = tfds.ReadConfig(shuffle_seed=config.seed, try_autocache=False)
-  ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
+  ds = read_split(builder, split, shuffle_files=True, read_config=read_config)
   ds = _shard(ds, input_context)
   ds = ds.map(lambda ex: resize_example(ex, config, config.min_confidence),
               num_parallel_calls=AUTOTUNE)
-  # Decoding and resizing are the same every epoch: cache their output when the
-  # split fits in memory at the training size, and redo only augmentation and
-  # targets per epoch.
+  # Decoding and resizing are the same every epoch: keep their output (float32
+  # image [H,W,3] + depth [H,W,1] per example) and redo only augmentation and
+  # targets per epoch. On disk when asked (tf.data's file cache: written during
+  # the first epoch, read by later epochs and by later runs; a first epoch cut
+  # short is discarded, not read), and in memory when the split fits at the
+  # training size (after the file cache, so later epochs do not read the disk).
+  if cache_dir:
+    ds = ds.cache(disk_cache_path(cache_dir, builder, split, config, input_context))
   if _cached_bytes(builder, split, config) < CACHE_LIMIT_BYTES:
     ds = ds.cache()
   ds = ds.repeat().shuffle(config.shuffle_buffer, seed=config.seed)
@@ -135,6 +221,40 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
 
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+# Bump when decoding or resizing changes: older files on disk no longer match.
+DISK_CACHE_FORMAT = 1
+
+
+def disk_cache_path(cache_dir: str, builder, split: str, config: Config,
+                    input_context: Optional[tf.distribute.InputContext] = None) -> str:
+  """The file prefix of one input pipeline's disk cache under `cache_dir`.
+
+  tf.data's file cache reads whatever a finished file holds, so the name keys
+  everything resize_example depends on (dataset build, split, size, depth
+  range, confidence threshold, depth resize, shard, this code's format): a
+  change of any of them writes a new cache instead of reading a stale one.
+  A lock file left by a killed process (tf.data writes `<prefix>_0.lockfile`
+  while it fills the cache and would refuse to start) is removed: each
+  prefix belongs to one pipeline of one run, so a lock found before this run
+  starts is stale. Two runs must not share a --cache_dir at the same time.
+  """
+  pipelines = input_context.num_input_pipelines if input_context else 1
+  pipeline_id = input_context.input_pipeline_id if input_context else 0
+  key = {"dataset": builder.info.full_name, "data_dir": str(builder.data_dir), "split": split,
+         "image_size": list(config.image_size), "min_depth": config.min_depth,
+         "max_depth": config.max_depth, "min_confidence": config.min_confidence,
+         "depth_resize": config.depth_resize, "shard": [pipeline_id, pipelines],
+         "format": DISK_CACHE_FORMAT}
+  digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+  height, width = config.image_size
+  name = builder.info.full_name.split("/")
+  prefix = os.path.join(cache_dir, f"{'_'.join(name[:2])}_{split}_{height}x{width}_{digest}")
+  tf.io.gfile.makedirs(cache_dir)
+  for lock in tf.io.gfile.glob(prefix + "_*.lockfile"):
+    tf.io.gfile.remove(lock)
+  return prefix
 
 
 def _cached_bytes(builder, split: str, config: Config) -> int:
@@ -156,7 +276,7 @@ def eval_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   total = datasets.num_examples(builder, split)
   if config.num_eval_examples:
     total = min(total, config.num_eval_examples)
-  ds = builder.as_dataset(split=split, shuffle_files=False).take(total)
+  ds = read_split(builder, split, shuffle_files=False).take(total)
   num_pipelines = input_context.num_input_pipelines if input_context else 1
   pipeline_id = input_context.input_pipeline_id if input_context else 0
   ds = _shard(ds, input_context)
@@ -186,10 +306,10 @@ def training_median_depth(config: Config, builder, max_examples: int = 300) -> f
   first `max_examples` (in file order, so every worker gets the same value).
   The constant baseline predicts it; fresh depth networks start their output at
   it. Cached: `--stage=all` needs it for both (config is a frozen dataclass)."""
-  ds = builder.as_dataset(split="train", shuffle_files=False).take(max_examples)
-  ds = ds.map(lambda ex: finish_example(resize_example(ex, config, config.min_confidence),
-                                        "rough", False))
-  values = [ex["depth"][ex["mask"] > 0] for ex in ds.as_numpy_iterator()]
+  # Depth only: the image bytes are never decoded here.
+  ds = read_split(builder, "train", shuffle_files=False).take(max_examples)
+  ds = ds.map(lambda ex: resize_depth_example(ex, config, config.min_confidence))
+  values = [depth[depth > 0] for depth in ds.as_numpy_iterator()]
   values = np.concatenate(values) if values else np.zeros(0)
   if not values.size:
     raise ValueError(f"{config.dataset}: the train split has no valid depth pixel")
