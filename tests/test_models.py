@@ -202,7 +202,7 @@ SEED_MACS_PER_PIXEL = (9 * (3 * 50 + 50 * 50 + 50 * 80 + 80 * 120 + 120 * 120 + 
 
 
 def test_count_flops_seed_matches_hand_computation(seed_gradient):
-  assert SEED_MACS_PER_PIXEL == 413_700  # SPEC: ~0.41 M MACs per pixel
+  assert SEED_MACS_PER_PIXEL == 413_700  # README: 413,700 multiply-adds per pixel
   h, w = 192, 256
   model = models.build_network("rough", "seed")
   assert models.count_flops(model, (h, w)) == 2 * SEED_MACS_PER_PIXEL * h * w
