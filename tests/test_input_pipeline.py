@@ -147,12 +147,17 @@ def test_reduced_scale_jpeg_matches_full_decode_at_the_real_size():
   data = _jpeg(example["image"])
   for size, bounds in (((192, 144), (0.05, 0.008)), ((256, 192), (0.05, 0.008))):
     full = preprocessing.network_input(tf.io.decode_jpeg(data, channels=3), size).numpy()
-    config = config_lib.Config(model_dir="unused", image_size=size)
+    config = config_lib.Config(model_dir="unused", image_size=size, jpeg_reduced_decode=True)
     reduced = input_pipeline.resize_example(
         {"image": tf.constant(data), "depth": example["depth"]}, config)["image"].numpy()
     difference = np.abs(full - reduced)
     assert difference.max() <= bounds[0] and difference.mean() <= bounds[1], (
         size, difference.max(), difference.mean())
+    # The default (--nojpeg_reduced_decode) decodes in full: exactly what exports see.
+    default = config_lib.Config(model_dir="unused", image_size=size)
+    exact = input_pipeline.resize_example(
+        {"image": tf.constant(data), "depth": example["depth"]}, default)["image"].numpy()
+    np.testing.assert_array_equal(exact, full)
 
 
 def test_png_bytes_give_exactly_the_decoded_tensors():

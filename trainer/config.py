@@ -40,6 +40,7 @@ class Config:
   augment: bool = True
   shuffle_buffer: int = 256
   cache_dir: Optional[str] = None  # None: in memory when the split fits, else no cache
+  jpeg_reduced_decode: bool = False
   # Which depth pixels count: confidence below this is invalid, like a hole.
   min_confidence: int = 1
   eval_min_confidence: Optional[int] = None  # None: --min_confidence
@@ -187,6 +188,10 @@ def define_flags() -> None:
                   "Cache the decoded, resized training split in files here (for splits that do "
                   "not fit in memory; by default a split that fits is cached in memory). One "
                   "run per folder at a time.")
+  f.DEFINE_bool("jpeg_reduced_decode", default.jpeg_reduced_decode,
+                "Decode training JPEGs at reduced scale (libjpeg DCT ratio) where the size "
+                "allows: a faster input pipeline, but exports see full decodes, and a net "
+                "trained this way scored worse served (README Performance). Off by default.")
   f.DEFINE_integer("shuffle_buffer", default.shuffle_buffer, "Training shuffle buffer (examples).")
   f.DEFINE_enum("stage", default.stage, stages.STAGE_CHOICES,
                 "rough: the seed's baseline net; gradient: predicts the Sobel edges of depth; "
