@@ -127,17 +127,27 @@ def restore_newest_readable(checkpoint: tf.train.Checkpoint, directory: str, con
   return None
 
 
+def restore_stage_weights(config: "Config", stage: str, model: keras.Model,
+                          missing: str) -> str:
+  """The weights of `stage`'s newest readable checkpoint into `model` (optimizer
+  state skipped); returns its path. FileNotFoundError with `missing` (formatted
+  with {directory}) when the stage has no checkpoint."""
+  directory = workdir.checkpoint_dir(config, stage)
+  latest = restore_newest_readable(tf.train.Checkpoint(model=model), directory, config,
+                                   model_only=True)
+  if latest is None:
+    raise FileNotFoundError(missing.format(directory=directory))
+  return latest
+
+
 def init_finetune_from_rough(config: "Config", model: keras.Model, rough: keras.Model) -> None:
   """A fresh finetune run starts from the rough stage's latest checkpoint, restored
   into `rough` (a fresh rough network of this config, built in the strategy's scope)."""
-  directory = workdir.checkpoint_dir(config, "rough")
-  latest = restore_newest_readable(tf.train.Checkpoint(model=rough), directory, config,
-                                   model_only=True)
-  if latest is None:
-    raise FileNotFoundError(
-        f"--finetune_init=rough starts the finetune net from the trained rough net, but "
-        f"{directory} has no checkpoint. Run --stage=rough first with the same --model_dir "
-        "(--stage=all does), or pass --finetune_init=scratch.")
+  latest = restore_stage_weights(
+      config, "rough", rough,
+      "--finetune_init=rough starts the finetune net from the trained rough net, but "
+      "{directory} has no checkpoint. Run --stage=rough first with the same --model_dir "
+      "(--stage=all does), or pass --finetune_init=scratch.")
   copied = models.init_finetune_from_rough(rough, model)
   logging.info("finetune: body started from the rough net %s (%d variables; the gradient "
                "input's weights start at zero)", latest, copied)
@@ -187,13 +197,10 @@ def init_from_run(config: "Config", stage: str, model: keras.Model) -> str:
 
 
 def restore_gradient_network(config: "Config", network: keras.Model) -> None:
-  directory = workdir.checkpoint_dir(config, "gradient")
-  latest = restore_newest_readable(tf.train.Checkpoint(model=network), directory, config,
-                                   model_only=True)
-  if latest is None:
-    raise FileNotFoundError(
-        f"--stage=finetune needs a trained gradient network, but {directory} has no "
-        "checkpoint. Run --stage=gradient first with the same --model_dir (or --stage=all).")
+  latest = restore_stage_weights(
+      config, "gradient", network,
+      "--stage=finetune needs a trained gradient network, but {directory} has no "
+      "checkpoint. Run --stage=gradient first with the same --model_dir (or --stage=all).")
   logging.info("finetune: restored the gradient network from %s (%s)", latest,
                "frozen" if config.freeze_gradient else "trainable")
 

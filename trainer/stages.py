@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from absl import logging
-import tensorflow as tf
 
 from trainer import checkpoints
 from trainer import evaluate
@@ -95,15 +94,12 @@ def export_stages(config: "Config", results: dict, builder) -> None:
 
 def restore_stage_model(run: workdir.Run, stage: str):
   """The stage's network with its latest checkpoint's weights: (model, step)."""
-  ckpt_dir = workdir.checkpoint_dir(run.config, stage)
   with run.strategy.scope():
     model = train.build_stage_model(run.config, stage, restore_gradient=False)
-  latest = checkpoints.restore_newest_readable(tf.train.Checkpoint(model=model), ckpt_dir,
-                                               run.config, model_only=True)
-  if latest is None:
-    raise FileNotFoundError(
-        f"--mode={run.config.mode}: {ckpt_dir} has no checkpoint for stage {stage!r}; "
-        "train it first (--mode=train or train_and_eval)")
+  latest = checkpoints.restore_stage_weights(
+      run.config, stage, model,
+      f"--mode={run.config.mode}: {{directory}} has no checkpoint for stage {stage!r}; "
+      "train it first (--mode=train or train_and_eval)")
   return model, checkpoints.checkpoint_step(latest)
 
 
