@@ -161,5 +161,6 @@ def extremes_figure(worst: Sequence[dict], best: Sequence[dict], title: str, pat
     figure.colorbar(errors_shown, ax=row[3], shrink=0.9, label="|prediction - truth| (m)")
   for axis, label in zip(axes[0], ("RGB", "ground truth", "prediction", "error")):
     axis.set_title(f"{label}\n{axis.get_title()}" if axis.get_title() else label, fontsize=9)
-  figure.suptitle(f"{title}: worst and best images by abs_rel (black: no ground truth)")
+  # On two lines: the model path and dataset alone can be wider than the figure.
+  figure.suptitle(f"{title}:\nworst and best images by abs_rel (black: no ground truth)")
   save_figure(figure, path)
