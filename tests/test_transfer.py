@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import checkpoints
+from trainer import config as config_lib
 from trainer import datasets
 from trainer import errors
 from trainer import input_pipeline
@@ -77,6 +78,21 @@ def test_bad_init_from_is_a_clear_error_before_anything_is_written(rough_run, ma
   with pytest.raises(errors.UserInputError, match=expected):
     stages.train_and_evaluate(config)
   assert not model_dir.exists()  # nothing in --model_dir was created or changed
+
+
+def test_init_from_stages_limits_which_stages_start_from_the_other_run(rough_run, make_config,
+                                                                       tmp_path):
+  source, _ = rough_run  # trained rough only
+  everywhere = make_config(tmp_path / "a", init_from=source.model_dir)
+  with pytest.raises(errors.UserInputError, match="no checkpoint of stage 'gradient'"):
+    train.preflight(everywhere, ["rough", "gradient"])
+  rough_only = dataclasses.replace(everywhere, init_from_stages=("rough",))
+  train.preflight(rough_only, ["rough", "gradient", "finetune"])  # nothing else is read
+  no_checkpoint = str(tmp_path / "none")
+  assert [train._how_to_start(rough_only, s, no_checkpoint) for s in stages.STAGE_ORDER] == [
+      "init_from", "fresh", "rough"]  # finetune from this run's rough net
+  with pytest.raises(ValueError, match="--init_from_stages"):
+    config_lib.validate(dataclasses.replace(everywhere, init_from_stages=("rouhg",)))
 
 
 # ---------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class Config:
   freeze_gradient: bool = True
   finetune_init: str = "rough"
   init_from: Optional[str] = None
+  init_from_stages: Tuple[str, ...] = ("rough", "gradient", "finetune")
   # Optimisation.
   global_batch_size: int = 8
   train_steps: int = 500
@@ -113,7 +114,7 @@ RESUMABLE_FIELDS = frozenset({
     "num_predict_images", "config_mismatch", "rebuild_dataset", "eval_min_confidence",
     "tflite", "tflite_input_size", "tflite_calibration_examples", "cache_dir",
     # Only read when a stage starts from nothing: a resumed run ignores them.
-    "init_from",
+    "init_from", "init_from_stages",
 })
 # Settings that define only one stage's network: they block a rerun only once
 # that stage has a checkpoint.
@@ -211,6 +212,10 @@ def define_flags() -> None:
                   "run: a --model_dir (its <stage>/checkpoints) or a stage folder of one. "
                   "Weights only; the optimizer starts fresh. Same --architecture and "
                   "--image_size required.")
+  f.DEFINE_list("init_from_stages", list(default.init_from_stages),
+                "The stages --init_from applies to. E.g. rough,gradient: the finetune net "
+                "then starts from this run's own rough net (--finetune_init=rough) instead of "
+                "the other run's finetune net.")
   f.DEFINE_bool("freeze_gradient", default.freeze_gradient,
                 "Finetune stage: keep the gradient net's weights fixed.")
   f.DEFINE_enum("finetune_init", default.finetune_init, checkpoints.FINETUNE_INITS,
@@ -290,6 +295,7 @@ def config_from_flags(values: flags.FlagValues, model_dir: str,
   kwargs.update(model_dir=model_dir, checkpoint_dir=checkpoint_dir,
                 tensorboard_dir=tensorboard_dir,
                 image_size=parse_image_size(values.image_size),
+                init_from_stages=tuple(values.init_from_stages),
                 tflite=tflite_export.parse_precisions(values.tflite) if values.tflite else (),
                 tflite_input_size=parse_image_size(values.tflite_input_size,
                                                    "--tflite_input_size")
@@ -317,6 +323,10 @@ def validate(config: Config) -> None:
   if "int8" in config.tflite and config.tflite_calibration_examples < 1:
     raise ValueError("--tflite=int8 needs --tflite_calibration_examples >= 1, got "
                      f"{config.tflite_calibration_examples}")
+  unknown = [s for s in config.init_from_stages if s not in models.STAGES]
+  if unknown or not config.init_from_stages:
+    raise ValueError(f"--init_from_stages: {unknown or 'empty'}; give some of "
+                     f"{','.join(models.STAGES)}")
   for name in ("min_confidence", "eval_min_confidence"):
     value = getattr(config, name)
     if value is not None and value not in CONFIDENCE_LEVELS:

@@ -195,7 +195,7 @@ def _how_to_start(config: "Config", stage: str, ckpt_dir: str) -> str:
   run's rough net) or fresh (initial depth; encoder weights loaded)."""
   if checkpoints.checkpoint_paths(ckpt_dir):  # always the chief's copy
     return "resume"
-  if config.init_from:
+  if config.init_from and stage in config.init_from_stages:
     return "init_from"
   if stage == "finetune" and config.finetune_init == "rough":
     return "rough"

@@ -54,6 +54,19 @@ RECIPES = {
     "unet_transfer_conf2": ({"architecture": "unet", "min_confidence": 2}, "unet"),
     "unet_scratch_conf0": ({"architecture": "unet", "min_confidence": 0}, None),
     "unet_transfer_silog": ({"architecture": "unet", "loss": "silog"}, "unet"),
+    # --init_from for rough and gradient only: finetune starts from this run's
+    # own (transferred, then target-trained) rough net, as without --init_from.
+    "unet_transfer_ft_from_rough": ({"architecture": "unet",
+                                     "init_from_stages": ("rough", "gradient")}, "unet"),
+    # Fine-tuning recipes for an encoder that starts trained (here: from the
+    # source run, as ImageNet weights cannot be had on this project's machines).
+    "mobilenet_v3_transfer_freeze100": ({"architecture": "mobilenet_v3",
+                                         "encoder_weights": "none",
+                                         "freeze_encoder_steps": 100}, "mobilenet_v3"),
+    "mobilenet_v3_transfer_enc_lr0.1": ({"architecture": "mobilenet_v3",
+                                         "encoder_weights": "none",
+                                         "encoder_learning_rate_multiplier": 0.1},
+                                        "mobilenet_v3"),
 }
 DEFAULT_RECIPES = ("unet_scratch", "unet_transfer", "mobilenet_v3_scratch",
                    "mobilenet_v3_transfer", "unet_transfer_conf0", "unet_scratch_conf0")
