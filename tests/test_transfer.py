@@ -83,16 +83,21 @@ def test_bad_init_from_is_a_clear_error_before_anything_is_written(rough_run, ma
 def test_init_from_stages_limits_which_stages_start_from_the_other_run(rough_run, make_config,
                                                                        tmp_path):
   source, _ = rough_run  # trained rough only
-  everywhere = make_config(tmp_path / "a", init_from=source.model_dir)
-  with pytest.raises(errors.UserInputError, match="no checkpoint of stage 'gradient'"):
-    train.preflight(everywhere, ["rough", "gradient"])
-  rough_only = dataclasses.replace(everywhere, init_from_stages=("rough",))
-  train.preflight(rough_only, ["rough", "gradient", "finetune"])  # nothing else is read
+  default = make_config(tmp_path / "a", init_from=source.model_dir)
   no_checkpoint = str(tmp_path / "none")
+  # By default finetune starts from this run's own rough net, the others from DIR.
+  assert [train._how_to_start(default, s, no_checkpoint) for s in stages.STAGE_ORDER] == [
+      "init_from", "init_from", "rough"]
+  with pytest.raises(errors.UserInputError, match="no checkpoint of stage 'gradient'"):
+    train.preflight(default, ["rough", "gradient"])
+  every = dataclasses.replace(default, init_from_stages=("rough", "gradient", "finetune"))
+  assert train._how_to_start(every, "finetune", no_checkpoint) == "init_from"
+  rough_only = dataclasses.replace(default, init_from_stages=("rough",))
+  train.preflight(rough_only, ["rough", "gradient", "finetune"])  # nothing else is read
   assert [train._how_to_start(rough_only, s, no_checkpoint) for s in stages.STAGE_ORDER] == [
-      "init_from", "fresh", "rough"]  # finetune from this run's rough net
+      "init_from", "fresh", "rough"]
   with pytest.raises(ValueError, match="--init_from_stages"):
-    config_lib.validate(dataclasses.replace(everywhere, init_from_stages=("rouhg",)))
+    config_lib.validate(dataclasses.replace(default, init_from_stages=("rouhg",)))
 
 
 # ---------------------------------------------------------------------------

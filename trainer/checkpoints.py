@@ -147,7 +147,9 @@ def init_finetune_from_rough(config: "Config", model: keras.Model, rough: keras.
       config, "rough", rough,
       "--finetune_init=rough starts the finetune net from the trained rough net, but "
       "{directory} has no checkpoint. Run --stage=rough first with the same --model_dir "
-      "(--stage=all does), or pass --finetune_init=scratch.")
+      "(--stage=all does), or pass --finetune_init=scratch"
+      + (", or add finetune to --init_from_stages to start it from --init_from."
+         if config.init_from else "."))
   copied = models.init_finetune_from_rough(rough, model)
   logging.info("finetune: body started from the rough net %s (%d variables; the gradient "
                "input's weights start at zero)", latest, copied)

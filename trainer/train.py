@@ -248,6 +248,9 @@ def train_stage(run: "Run", stage: str) -> StageResult:
       if stage == "finetune":  # its gradient net is this run's, not the other run's
         checkpoints.restore_gradient_network(config, models.gradient_subnetwork(model))
   elif start == "rough":
+    if config.init_from:
+      logging.info("%s: starts from this run's rough net, not --init_from (%s is not in "
+                   "--init_from_stages=%s)", stage, stage, ",".join(config.init_from_stages))
     with strategy.scope():
       checkpoints.init_finetune_from_rough(config, model, stage_network(config, "rough"))
   step = int(optimizer.iterations.numpy())

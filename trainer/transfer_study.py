@@ -43,17 +43,21 @@ SPLITS = ("validation", "test")
 SHOWN = ("abs_rel", "rmse", "delta1")
 
 # name -> (overrides of the target run; "source": architecture whose source run
-# --init_from names, or None). Every recipe trains --stage=all.
+# --init_from names, or None). Every recipe trains --stage=all. The *_transfer
+# recipes start every stage from the source run (EVERY_STAGE, as they were
+# measured), except *_ft_from_rough (the trainer's default --init_from_stages).
+EVERY_STAGE = {"init_from_stages": ("rough", "gradient", "finetune")}
 RECIPES = {
     "unet_scratch": ({"architecture": "unet"}, None),
-    "unet_transfer": ({"architecture": "unet"}, "unet"),
+    "unet_transfer": ({"architecture": "unet", **EVERY_STAGE}, "unet"),
     "mobilenet_v3_scratch": ({"architecture": "mobilenet_v3", "encoder_weights": "none"}, None),
-    "mobilenet_v3_transfer": ({"architecture": "mobilenet_v3", "encoder_weights": "none"},
+    "mobilenet_v3_transfer": ({"architecture": "mobilenet_v3", "encoder_weights": "none",
+                               **EVERY_STAGE},
                               "mobilenet_v3"),
-    "unet_transfer_conf0": ({"architecture": "unet", "min_confidence": 0}, "unet"),
-    "unet_transfer_conf2": ({"architecture": "unet", "min_confidence": 2}, "unet"),
+    "unet_transfer_conf0": ({"architecture": "unet", "min_confidence": 0, **EVERY_STAGE}, "unet"),
+    "unet_transfer_conf2": ({"architecture": "unet", "min_confidence": 2, **EVERY_STAGE}, "unet"),
     "unet_scratch_conf0": ({"architecture": "unet", "min_confidence": 0}, None),
-    "unet_transfer_silog": ({"architecture": "unet", "loss": "silog"}, "unet"),
+    "unet_transfer_silog": ({"architecture": "unet", "loss": "silog", **EVERY_STAGE}, "unet"),
     # --init_from for rough and gradient only: finetune starts from this run's
     # own (transferred, then target-trained) rough net, as without --init_from.
     "unet_transfer_ft_from_rough": ({"architecture": "unet",
@@ -62,14 +66,17 @@ RECIPES = {
     # source run, as ImageNet weights cannot be had on this project's machines).
     "mobilenet_v3_transfer_freeze100": ({"architecture": "mobilenet_v3",
                                          "encoder_weights": "none",
-                                         "freeze_encoder_steps": 100}, "mobilenet_v3"),
+                                         "freeze_encoder_steps": 100, **EVERY_STAGE},
+                                        "mobilenet_v3"),
     "mobilenet_v3_transfer_enc_lr0.1": ({"architecture": "mobilenet_v3",
                                          "encoder_weights": "none",
-                                         "encoder_learning_rate_multiplier": 0.1},
+                                         "encoder_learning_rate_multiplier": 0.1,
+                                         **EVERY_STAGE},
                                         "mobilenet_v3"),
 }
-DEFAULT_RECIPES = ("unet_scratch", "unet_transfer", "mobilenet_v3_scratch",
-                   "mobilenet_v3_transfer", "unet_transfer_conf0", "unet_scratch_conf0")
+DEFAULT_RECIPES = ("unet_scratch", "unet_transfer", "unet_transfer_ft_from_rough",
+                   "mobilenet_v3_scratch", "mobilenet_v3_transfer", "unet_transfer_conf0",
+                   "unet_scratch_conf0")
 
 def define_flags(values: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
   """The study's flags, declared on `values` (only when it runs as the program, so
