@@ -32,13 +32,33 @@ Precisions:
     DEQUANTIZE  int8 -> float32 meters at the very end
   Everything between runs in int8: the /255, the resize taps when input_size
   differs (GATHER, MUL, SUM), CONV_2D, DEPTHWISE_CONV_2D, TRANSPOSE_CONV (seed),
-  ADD, MUL, CONCATENATION, PAD, RESIZE_BILINEAR, STRIDED_SLICE, the unet's
-  softplus (the converter writes EXP, ADD, LOG, all with int8 kernels) and
-  the clip (MINIMUM, RELU).
+  ADD, MUL, CONCATENATION, PAD, RESIZE_BILINEAR, STRIDED_SLICE, the softplus
+  outputs (unet and backbones, rewritten: see below) and the clip (MINIMUM,
+  RELU).
+  Softplus: the int8 graph computes it as relu(x) + log(1 + exp(-|x|))
+  (`quantization_friendly_softplus`: ABS, MUL by -1, EXP, ADD, LOG, RELU,
+  ADD), the same function in float (`_Int8Softplus` compares the network's
+  output both ways at every int8 export; the float32 and float16 files keep
+  Keras' softplus). As written by Keras, softplus converts to
+  log(1 + exp(x)) (EXP, ADD, LOG): EXP's int8 output then spans
+  [0, exp(max x)] (calibrated 0..333 on the demo's finetune chain, a step of
+  1.30, kept by the ADD of 1), so the smallest depths it could give were
+  log(k * 1.30) = 0.96, 1.37, 1.65 m (k = 2, 3, 4): 37% of the demo's test
+  pixels came out 0.96 m (float32: 0.60 to 3.41 m), 23 distinct depths in
+  all, abs_rel 0.183 against the SavedModel's 0.097. Rewritten, exp(-|x|)
+  lies in (0, 1] and log(1 + .) in
+  [0, log 2], both finely quantized (abs_rel 0.101). -|x| is written as
+  |x| * -1 on purpose: -abs(x) becomes NEG, which the converter leaves in float
+  (a float NEG between a DEQUANTIZE and a QUANTIZE per softplus), and
+  min(x, 0) - relu(x) ties the conv output's scale to MINIMUM's negative-only
+  range (abs_rel 0.40).
   Size: about 0.30 of the float32 file for the unet (0.27 for the seed), not
-  below 1/4: int8 weights are exactly 1/4 of float32 ones, int32 biases are as
-  large as float32 ones, and each per-channel tensor adds a float32 scale and
-  an int64 zero point per channel.
+  below 1/4, and the demo's cannot be: int8 weights are
+  exactly 1/4 of float32 ones, but the int32 biases are as large as float32
+  ones, so weights + biases alone are 0.2517 of the demo's float32 file; on
+  top, each per-channel quantized tensor stores a float32 scale and an int64
+  zero point per output channel (280 KB of the demo's 2.01 MB), and the graph
+  and tensor names take ~50 KB.
 """
 
 import os
@@ -59,6 +79,9 @@ PRECISIONS = ("float32", "float16", "int8")
 # _FixedSizeInput checks its taps against network_input on a random image:
 # they agree to float rounding (~1e-7), a real drift is far above this.
 _PREPROCESSING_TOLERANCE = 1e-5
+# _Int8Softplus checks the rewritten network against the original on a random
+# image (meters): float rounding is ~1e-6 m, a different function far above.
+_SOFTPLUS_TOLERANCE = 1e-4
 
 
 def tflite_filename(precision: str) -> str:
@@ -163,6 +186,55 @@ class _FixedSizeInput:
           "separable linear resize, so _FixedSizeInput cannot reproduce it")
 
 
+def quantization_friendly_softplus(x):
+  """softplus(x) = relu(x) + log(1 + exp(-|x|)), in ops whose int8 ranges are small.
+
+  The same function as keras.activations.softplus in float (the numerically
+  stable form). In int8: exp(-|x|) is in (0, 1] and log(1 + exp(-|x|)) in
+  [0, log 2], so their 8 bits cover small ranges, where log(1 + exp(x))
+  spends them on exp(x) up to exp(max x) (see the module docstring).
+  `|x| * -1`, not `-|x|`: NEG has no int8 kernel in the converter.
+  """
+  return tf.nn.relu(x) + tf.math.log(1.0 + tf.exp(tf.abs(x) * -1.0))
+
+
+class _Int8Softplus:
+  """Context: every softplus activation of a network (nested ones included)
+  computed by `quantization_friendly_softplus`; restored on exit.
+
+  The int8 graph is traced inside it. On entry the network's output on a
+  random image is compared with the original's (the rewrite must be the same
+  function in float); a difference above _SOFTPLUS_TOLERANCE raises.
+  """
+
+  def __init__(self, network: keras.Model, image_size):
+    self.network = network
+    self.image_size = image_size
+    self.layers = [layer for layer in _all_layers(network)
+                   if getattr(layer, "activation", None) is keras.activations.softplus]
+
+  def __enter__(self):
+    if not self.layers:
+      return self
+    image = np.random.default_rng(0).uniform(0, 1, (1, *self.image_size, 3)).astype(np.float32)
+    expected = self.network(image, training=False).numpy()
+    for layer in self.layers:
+      layer.activation = quantization_friendly_softplus
+    try:
+      error = float(np.abs(self.network(image, training=False).numpy() - expected).max())
+      if not error < _SOFTPLUS_TOLERANCE:
+        raise RuntimeError(f"quantization_friendly_softplus changes {self.network.name}'s "
+                           f"output by {error:.2g} m: not the same function as softplus")
+    except BaseException:
+      self.__exit__()
+      raise
+    return self
+
+  def __exit__(self, *exc):
+    for layer in self.layers:
+      layer.activation = keras.activations.softplus
+
+
 class TFLiteDepthModule(tf.Module):
   """One-image, fixed-size version of export.DepthServingModule, in TFLite builtin ops."""
 
@@ -238,14 +310,27 @@ def convert(network: keras.Model, image_size, max_depth: float,
             calibration_images: Optional[Iterable[np.ndarray]] = None) -> Dict[str, bytes]:
   """{precision: TFLite flatbuffer} (see the module docstring); int8 needs calibration_images."""
   precisions = parse_precisions(precisions)
-  module = TFLiteDepthModule(network, image_size, max_depth, input_size)
-  # One traced and saved graph for every precision (tracing and saving are
-  # most of a conversion's time); the converter reads it back per precision.
+  contents = {}
+  # One traced and saved graph for the float precisions (tracing and saving
+  # are most of a conversion's time), and one for int8 with the softplus
+  # outputs rewritten (module docstring); the converter reads them back.
   with tempfile.TemporaryDirectory(prefix="depth2d_tflite_") as folder:
-    tf.saved_model.save(module, folder, signatures={SIGNATURE_KEY: module.serve})
-    return {precision: _convert(tf.lite.TFLiteConverter.from_saved_model(folder), precision,
-                                calibration_images, module.input_size)
-            for precision in precisions}
+    floats = [p for p in precisions if p != "int8"]
+    if floats:
+      path = os.path.join(folder, "float")
+      module = TFLiteDepthModule(network, image_size, max_depth, input_size)
+      tf.saved_model.save(module, path, signatures={SIGNATURE_KEY: module.serve})
+      for precision in floats:
+        contents[precision] = _convert(tf.lite.TFLiteConverter.from_saved_model(path),
+                                       precision, calibration_images, module.input_size)
+    if "int8" in precisions:
+      path = os.path.join(folder, "int8")
+      with _Int8Softplus(network, _check_size(image_size, "image_size")):
+        module = TFLiteDepthModule(network, image_size, max_depth, input_size)
+        tf.saved_model.save(module, path, signatures={SIGNATURE_KEY: module.serve})
+      contents["int8"] = _convert(tf.lite.TFLiteConverter.from_saved_model(path), "int8",
+                                  calibration_images, module.input_size)
+  return {precision: contents[precision] for precision in precisions}
 
 
 def _convert(converter, precision, calibration_images, input_size) -> bytes:
