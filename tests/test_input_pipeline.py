@@ -226,3 +226,101 @@ def test_train_eval_and_disk_cache_see_the_same_tensors(make_config, tmp_path):
   # Another training size (or depth range, split...) gets its own file, never a stale one.
   other = dataclasses.replace(config, image_size=(16, 12))
   assert input_pipeline.disk_cache_path(str(cache_dir), builder, "train", other) != prefix
+
+
+# ---------------------------------------------------------------------------
+# First-pass cost: only the used features are read, and the cheaper forms of
+# the depth resize, the flip and the per-batch target give the same tensors.
+# ---------------------------------------------------------------------------
+def test_read_split_parses_only_the_features_training_uses(make_config, tmp_path):
+  config = make_config(tmp_path)
+  builder = datasets.get_builder(config.dataset, config.data_dir)
+  assert {"pose", "intrinsics", "source", "timestamp", "camera"} <= set(builder.info.features)
+  spec = lambda features: input_pipeline.read_split(
+      builder, "train", shuffle_files=False, features=features).element_spec
+  # confidence only when something masks with it; the image as its stored bytes
+  without = spec(input_pipeline.used_features(0))
+  assert set(without) == {"image", "depth"}
+  assert without["image"].dtype == tf.string and without["image"].shape.rank == 0
+  assert set(spec(input_pipeline.used_features(1))) == {"image", "depth", "confidence"}
+  assert set(spec(input_pipeline.used_features(1, image=False))) == {"depth", "confidence"}
+  # a feature the dataset does not have is left out, not an error
+  assert set(spec(("image", "depth", "no_such_feature"))) == {"image", "depth"}
+  # what train_dataset reads (default --min_confidence=1) and the median depth
+  for min_confidence, wanted in ((0, {"image", "depth"}), (1, {"image", "depth", "confidence"})):
+    c = dataclasses.replace(config, min_confidence=min_confidence)
+    assert set(spec(input_pipeline.used_features(c.min_confidence))) == wanted
+
+
+def test_depth_resize_with_the_pipelines_mask_equals_resize_depth():
+  """resize_depth_example builds its validity mask once (range, confidence) and
+  hands it to resize_valid_depth: bit for bit the earlier zero-then-resize_depth."""
+  rng = np.random.default_rng(3)
+  depth = rng.uniform(-1.0, 12.0, (64, 48)).astype(np.float32)
+  depth[rng.random(depth.shape) < 0.05] = np.nan
+  depth[rng.random(depth.shape) < 0.05] = np.inf
+  depth[rng.random(depth.shape) < 0.1] = 0.0
+  confidence = rng.integers(0, 3, depth.shape).astype(np.uint8)
+  for method in ("valid_average", "nearest"):
+    for size in ((16, 12), (24, 20), (96, 72)):  # down by 4, non-integer, up
+      config = config_lib.Config(model_dir="unused", image_size=size, min_depth=0.1,
+                                 max_depth=10.0, depth_resize=method)
+      for min_confidence in (0, 2):
+        ours = input_pipeline.resize_depth_example(
+            {"depth": depth, "confidence": confidence}, config, min_confidence).numpy()
+        d = tf.constant(depth)[..., None]
+        valid = (d > 0.1) & (d < 10.0)
+        if min_confidence:
+          valid &= tf.constant(confidence, tf.int32)[..., None] >= min_confidence
+        expected = depth_ops_resize_reference(tf.where(valid, d, 0.0), size, method)
+        np.testing.assert_array_equal(ours, expected)
+
+
+def depth_ops_resize_reference(depth, size, method):
+  """The earlier depth_ops.resize_depth, verbatim (mask recomputed, two resizes)."""
+  depth = depth[None]
+  mask = tf.cast(tf.math.is_finite(depth) & (depth > 0.0), tf.float32)
+  depth = tf.where(mask > 0.0, depth, tf.zeros_like(depth))
+  if method == "nearest":
+    return tf.image.resize(depth, size, method="nearest")[0].numpy()
+  weighted = tf.image.resize(depth, size, method="area")
+  weight = tf.image.resize(mask, size, method="area")
+  return tf.where(weight >= 0.5, tf.math.divide_no_nan(weighted, weight),
+                  tf.zeros_like(weighted))[0].numpy()
+
+
+def test_flip_moves_image_and_depth_as_a_mirror():
+  rng = np.random.default_rng(4)
+  image = tf.constant(rng.random((6, 5, 3)).astype(np.float32))
+  depth = tf.constant(rng.random((6, 5, 1)).astype(np.float32) + 1.0)
+  flipped = kept = 0
+  for s in range(20):
+    _, out_depth = input_pipeline.augment(image, depth, tf.constant([s, 7], tf.int64))
+    if np.array_equal(out_depth, depth.numpy()[:, ::-1]):
+      flipped += 1
+    elif np.array_equal(out_depth, depth.numpy()):
+      kept += 1
+  assert flipped + kept == 20 and flipped and kept
+
+
+@pytest.mark.parametrize("stage", ["gradient", "rough"])
+def test_train_batches_equal_per_example_finish(make_config, tmp_path, stage):
+  """train_dataset takes the target once per batch: the same batches as
+  finish_example per example (augmentation on, same seeds), value for value."""
+  config = make_config(tmp_path, shuffle_buffer=4, augment=True)
+  builder = datasets.get_builder(config.dataset, config.data_dir)
+  ours = list(input_pipeline.train_dataset(config, stage, builder).take(4).as_numpy_iterator())
+  # train_dataset as it was: finish_example per example, then batch.
+  read_config = input_pipeline.tfds.ReadConfig(shuffle_seed=config.seed, try_autocache=False)
+  ds = input_pipeline.read_split(builder, "train", shuffle_files=True, read_config=read_config)
+  ds = ds.map(lambda ex: input_pipeline.resize_example(ex, config, config.min_confidence))
+  ds = ds.cache().repeat().shuffle(config.shuffle_buffer, seed=config.seed)
+  ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=config.seed).batch(2))  # pipeline 0
+  ds = ds.map(lambda r, seed: input_pipeline.finish_example(r, stage, True, seed))
+  reference = list(ds.batch(config.global_batch_size, drop_remainder=True).take(4)
+                   .as_numpy_iterator())
+  assert len(ours) == len(reference) == 4
+  for a, b in zip(ours, reference):
+    assert list(a) == list(b)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -366,7 +366,7 @@ def split_files(builder, manual_dir: str, split: str = "train"):
   """The (RGB, depth) files of a `pairs` split, from its `source` feature
   (seq/rgb/000012.jpg -> seq/depth/000012.png): the seed-style loader reads
   exactly the files the tf.data pipeline reads."""
-  ds = input_pipeline.read_split(builder, split, shuffle_files=False)
+  ds = input_pipeline.read_split(builder, split, shuffle_files=False, features=("source",))
   files = []
   for source in ds.map(lambda ex: ex["source"]).as_numpy_iterator():
     rgb = os.path.join(manual_dir, source.decode())

