@@ -81,6 +81,26 @@ def test_beam_build_with_bad_files_lists_them_all_and_writes_nothing(tmp_path, b
   assert not (tmp_path / "out" / "record3d").exists()
 
 
+def test_a_build_that_loses_examples_stops_and_keeps_nothing(tmp_path, monkeypatch):
+  """Every build is counted against the checked folder: a runner that drops a
+  frame (as the local DirectRunner did on a large build) is an error, not a
+  smaller dataset."""
+  from tfds_record3d import beam_build
+  real = beam_build.list_frames
+
+  def drops_one(ref):
+    tasks = list(real(ref))
+    return tasks[1:] if ref.name == "kitchen" else tasks  # one frame of one capture vanishes
+
+  monkeypatch.setattr(beam_build, "list_frames", drops_one)
+  with pytest.raises(builder_module.LostExamplesError, match=r"(\d+) written of (?!\1)\d+"):
+    _build("r3d", DUMMY / "r3d", tmp_path / "out", ["--runner=DirectRunner"])
+  assert not list((tmp_path / "out").glob("record3d/r3d/*/dataset_info.json"))
+  with pytest.raises(builder_module.LostExamplesError, match="validation: 1 written of 2"):
+    builder_module.check_written_counts("r3d", {"train": 3, "validation": 2},
+                                        {"train": 3, "validation": 1}, beam=False)
+
+
 # --- gs:// ---------------------------------------------------------------------
 # TF's own GCS filesystem (what epath uses for gs://) cannot be pointed at a
 # local emulator, and this machine has no bucket. These tests map gs://BUCKET
