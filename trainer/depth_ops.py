@@ -109,11 +109,9 @@ def resize_depth(depth, size, method="nearest", min_weight=0.5):
     float32 depth with the same rank as the input and the new size; invalid
     output pixels are exactly 0.
   """
-  if method not in RESIZE_METHODS:
-    raise ValueError(f"Unknown resize method {method!r}; valid: {RESIZE_METHODS}")
   depth = tf.cast(tf.convert_to_tensor(depth), tf.float32)
   depth, restore = _to_nhwc(depth)
-  valid = tf.math.is_finite(depth) & (depth > 0.0)
+  valid = valid_depth_mask(depth) > 0.0
   return restore(resize_valid_depth(depth, valid, size, method, min_weight))
 
 

@@ -46,7 +46,7 @@ SHOWN = ("abs_rel", "rmse", "delta1")
 # --init_from names, or None). Every recipe trains --stage=all. The *_transfer
 # recipes start every stage from the source run (EVERY_STAGE, as they were
 # measured), except *_ft_from_rough (the trainer's default --init_from_stages).
-EVERY_STAGE = {"init_from_stages": ("rough", "gradient", "finetune")}
+EVERY_STAGE = {"init_from_stages": stages.STAGE_ORDER}
 RECIPES = {
     "unet_scratch": ({"architecture": "unet"}, None),
     "unet_transfer": ({"architecture": "unet", **EVERY_STAGE}, "unet"),
