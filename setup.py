@@ -20,6 +20,10 @@ CORE = [
     "lzfse>=0.4,<0.5",  # Record3D .r3d depth and confidence are LZFSE-compressed
     "openexr>=3.2,<4",  # Record3D EXR exports and .exr depth in `pairs`
     "google-cloud-storage>=2.18,<4",
+    # tensorflow-datasets needs both already; tfds_record3d.build_benchmark uses
+    # them directly (progress bars, the Beam workers' CPU time).
+    "tqdm>=4.60,<5",
+    "psutil>=5.9,<8",
 ]
 
 CLOUD = [

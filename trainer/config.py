@@ -10,6 +10,9 @@ from typing import Optional, Tuple
 
 from absl import flags
 
+# The one form of an image size ("H,W"), shared with the dataset's commands.
+from tfds_record3d.sizes import parse_image_size  # noqa: F401  (trainer.config.parse_image_size)
+
 # The choice lists live with what they choose; the flags take them from there.
 from trainer import backbones
 from trainer import checkpoints
@@ -137,17 +140,6 @@ def differences(stored: dict, config: Config) -> Tuple[dict, dict]:
     if before != value:
       (allowed if name in RESUMABLE_FIELDS else blocking)[name] = (before, value)
   return blocking, allowed
-
-
-def parse_image_size(text: str, flag: str = "--image_size") -> Tuple[int, int]:
-  """'H,W' -> (H, W): the one form of an image size in every command."""
-  try:
-    height, width = (int(v) for v in text.split(","))
-  except ValueError:
-    raise ValueError(f"{flag}={text!r} must be H,W (two integers), e.g. 128,96")
-  if height < 8 or width < 8:
-    raise ValueError(f"{flag}={text!r}: both sides must be at least 8 pixels")
-  return height, width
 
 
 def define_flags() -> None:

@@ -1,0 +1,78 @@
+"""`python -m tfds_record3d.build_benchmark` end to end at a tiny size: every
+figure is reported and consistent, the captures are reused, bad flags are
+named. No timing thresholds: the numbers depend on the machine and its load."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tfds_record3d import build_benchmark
+
+
+def _run(args, timeout=600):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, "-m", "tfds_record3d.build_benchmark", *args], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+TINY = ["--frames=20", "--captures=2", "--distinct_frames=2", "--image_size=64,48",
+        "--depth_size=32,24"]
+
+
+@pytest.mark.slow
+def test_build_benchmark_reports_every_figure(tmp_path):
+  out = tmp_path / "build.json"
+  # beam_memory: Beam's own writer and the Beam path of the builder, in this
+  # process (the multi-process runner is the same code plus worker start-up).
+  proc = _run([*TINY, "--modes=in_process,beam_memory", f"--workdir={tmp_path / 'w'}",
+               f"--json={out}"])
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(out.read_text())
+  assert result["frames"] == 20 and result["captures"] == 2
+  assert result["check"]["seconds"] > 0 and result["check"]["frames_per_s"] > 0
+  assert [b["mode"] for b in result["builds"]] == ["in_process", "beam_memory"]
+  for build in result["builds"]:
+    assert build["frames"] == 20, build  # every frame written (the builder also checks)
+    for key in ("seconds", "frames_per_s", "cpu_seconds", "launcher_cpu_seconds",
+                "cpu_ms_per_frame", "cores_busy", "frames_per_s_bound"):
+      assert math.isfinite(build[key]) and build[key] > 0, (build["mode"], key, build[key])
+    assert build["cpu_seconds"] == pytest.approx(
+        build["launcher_cpu_seconds"] + build["worker_cpu_seconds"])
+    assert build["frames_per_s"] == pytest.approx(build["frames"] / build["seconds"])
+  assert result["builds"][0]["beam_flags"] is None
+  assert result["builds"][1]["beam_flags"] == ["--runner=DirectRunner"]
+  # The printed table has a row per build and the check's line.
+  assert "| in_process | 20 |" in proc.stdout and "| beam_memory | 20 |" in proc.stdout
+  assert "Launcher check" in proc.stdout
+
+  # A second run reuses the captures (same sizes) instead of writing them again.
+  captures = sorted((tmp_path / "w" / "captures_20_2").glob("*.r3d"))
+  assert len(captures) == 2
+  mtimes = [p.stat().st_mtime_ns for p in captures]
+  proc = _run([*TINY, "--modes=in_process", f"--workdir={tmp_path / 'w'}"])
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert [p.stat().st_mtime_ns for p in captures] == mtimes
+
+
+def test_modes_turn_into_the_runner_flags_and_unknown_ones_are_named():
+  assert build_benchmark.beam_flags("in_process") is None
+  assert build_benchmark.beam_flags("beam_memory") == ["--runner=DirectRunner"]
+  assert build_benchmark.beam_flags("beam_3") == [
+      "--runner=DirectRunner", "--direct_num_workers=3", "--direct_running_mode=multi_processing"]
+  for bad in ("beam_0", "beam_x", "beam", "dataflow"):
+    with pytest.raises(ValueError, match=repr(bad)):
+      build_benchmark.beam_flags(bad)
+
+
+def test_bad_flags_stop_before_anything_is_written(tmp_path):
+  proc = _run([*TINY, "--modes=in_process,beam_two", f"--workdir={tmp_path / 'w'}"])
+  assert proc.returncode != 0 and "beam_two" in proc.stderr
+  proc = _run(["--frames=5", "--captures=2", f"--workdir={tmp_path / 'w'}"])
+  assert proc.returncode != 0 and "--frames=5" in proc.stderr
+  proc = _run([*TINY[:-1], "--depth_size=32", f"--workdir={tmp_path / 'w'}"])
+  assert proc.returncode != 0 and "--depth_size" in proc.stderr
+  assert not (tmp_path / "w").exists()

@@ -1,0 +1,275 @@
+"""Times `record3d/r3d` builds of one folder: in process against Apache Beam.
+
+    python -m tfds_record3d.build_benchmark --frames=1280 --captures=16 \
+        --modes=in_process,beam_1,beam_2 --workdir=/tmp/build_bench --json=build.json
+
+Writes `--captures` Record3D `.r3d` files of real-size frames (960x720 JPEG RGB,
+256x192 LZFSE depth and confidence; HxW, as everywhere in the project;
+`tfds_record3d.writers.write_r3d`) under
+`--workdir` (reused when present), then builds them once per mode into a fresh
+data dir, each mode after the same launcher check (`Builder._scan`, timed once,
+apart: every mode pays it before it writes). Modes:
+
+  in_process   no Beam options: TFDS' Python writer in this process
+  beam_memory  `--runner=DirectRunner` (Beam in this process, in memory)
+  beam_N       `--runner=DirectRunner --direct_num_workers=N
+                --direct_running_mode=multi_processing` (N worker processes)
+
+Per mode: frames written (the builder itself refuses a build that lost a
+frame, LostExamplesError), wall seconds, frames/s, and the CPU seconds of this
+process and of every child process (the Beam workers), sampled with psutil
+every 0.2 s: CPU ms per frame and cores busy. From the CPU cost it also gives
+the frames/s this machine's cores could reach at best (nproc / CPU per frame),
+which says whether a ratio such as "2 workers >= 1.6x one" is possible here
+at all.
+
+The frames are `--distinct_frames` rendered ones (tfds_record3d.synthetic at
+the real size, ~1 s each), cycled: every frame of every capture is written,
+checked, read and encoded like any other, so the build cost per frame is that
+of distinct captures (JPEG bytes are stored as they are, depth is compressed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+
+import psutil
+import tensorflow_datasets as tfds
+import tqdm
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+
+import tfds_record3d  # noqa: F401  (registers record3d)
+from tfds_record3d import sizes
+from tfds_record3d import synthetic
+from tfds_record3d import writers
+
+FLAGS = flags.FLAGS
+MODES_HELP = "in_process, beam_memory or beam_N with N >= 1 worker processes"
+SAMPLE_SECONDS = 0.2
+
+
+def beam_flags(mode: str):
+  """A mode's Beam pipeline flags; None for the in-process build."""
+  if mode == "in_process":
+    return None
+  if mode == "beam_memory":
+    return ["--runner=DirectRunner"]
+  if mode.startswith("beam_") and mode[5:].isdigit() and int(mode[5:]) >= 1:
+    return ["--runner=DirectRunner", f"--direct_num_workers={int(mode[5:])}",
+            "--direct_running_mode=multi_processing"]
+  raise ValueError(f"--modes: unknown mode {mode!r}; expected {MODES_HELP}")
+
+
+# ----------------------------------------------------------------------------
+# The folder: real-size captures.
+# ----------------------------------------------------------------------------
+def write_captures(manual_dir: epath.Path, frames: int, captures: int, distinct: int,
+                   image_size, depth_size) -> int:
+  """Untimed: `captures` .r3d files holding `frames` frames in all (reused when
+  the folder already holds them). Returns the number of frames written."""
+  per_capture = [frames // captures + (i < frames % captures) for i in range(captures)]
+  paths = [manual_dir / f"capture_{i:03d}.r3d" for i in range(captures)]
+  marker = manual_dir / "frames.json"
+  wanted = {"frames": per_capture, "distinct": distinct, "image_size": list(image_size),
+            "depth_size": list(depth_size)}
+  if marker.exists() and json.loads(marker.read_text()) == wanted and all(p.exists() for p in paths):
+    logging.info("Reusing the %d captures in %s", captures, manual_dir)
+    return frames
+  if manual_dir.exists():
+    shutil.rmtree(manual_dir)
+  logging.info("Rendering %d distinct frames at %dx%d (depth %dx%d, HxW)", distinct,
+               *image_size, *depth_size)
+  rendered = list(tqdm.tqdm(synthetic.render_sequence(seed=900, num_frames=distinct,
+                                                      image_size=tuple(image_size),
+                                                      depth_size=tuple(depth_size)),
+                            total=distinct, desc="render", unit="frame"))
+  with tqdm.tqdm(total=frames, desc="write .r3d", unit="frame") as bar:
+    for path, count in zip(paths, per_capture):
+      writers.write_r3d(path, [rendered[i % distinct] for i in range(count)])
+      bar.update(count)
+  marker.write_text(json.dumps(wanted))
+  return frames
+
+
+# ----------------------------------------------------------------------------
+# CPU of this process and its children (the Beam workers).
+# ----------------------------------------------------------------------------
+class TreeCpu:
+  """CPU seconds used by this process and every descendant while it runs.
+
+  Children are sampled every SAMPLE_SECONDS (the last sample of a worker that
+  exits is kept), this process is read exactly at start and stop.
+  """
+
+  def __init__(self):
+    self._me = psutil.Process()
+    self._children = {}
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+
+  def _sample(self):
+    while not self._stop.is_set():
+      for child in self._me.children(recursive=True):
+        try:
+          times = child.cpu_times()
+          self._children[child.pid] = times.user + times.system
+        except psutil.Error:  # exited between listing and reading
+          pass
+      self._stop.wait(SAMPLE_SECONDS)
+
+  def __enter__(self):
+    times = self._me.cpu_times()
+    self._own_start = times.user + times.system
+    self._existing = {c.pid for c in self._me.children(recursive=True)}
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    times = self._me.cpu_times()
+    self.own_seconds = times.user + times.system - self._own_start
+    self.children_seconds = sum(cpu for pid, cpu in self._children.items()
+                                if pid not in self._existing)
+    self.worker_processes = len(set(self._children) - self._existing)
+
+
+# ----------------------------------------------------------------------------
+# One build.
+# ----------------------------------------------------------------------------
+def time_build(mode: str, manual_dir: epath.Path, data_dir: epath.Path) -> dict:
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  options = beam_flags(mode)
+  if data_dir.exists():
+    shutil.rmtree(data_dir)
+  builder = tfds.builder("record3d/r3d", data_dir=os.fspath(data_dir))
+  config = tfds.download.DownloadConfig(
+      manual_dir=os.fspath(manual_dir),
+      beam_options=PipelineOptions(flags=options) if options else None)
+  with TreeCpu() as cpu:
+    start = time.perf_counter()
+    builder.download_and_prepare(download_config=config)
+    seconds = time.perf_counter() - start
+  written = sum(split.num_examples for split in builder.info.splits.values())
+  cpu_seconds = cpu.own_seconds + cpu.children_seconds
+  nproc = os.cpu_count() or 1
+  return {"mode": mode, "beam_flags": options, "frames": written, "seconds": seconds,
+          "frames_per_s": written / seconds, "cpu_seconds": cpu_seconds,
+          "launcher_cpu_seconds": cpu.own_seconds, "worker_cpu_seconds": cpu.children_seconds,
+          "worker_processes": cpu.worker_processes,
+          "cpu_ms_per_frame": 1000.0 * cpu_seconds / written,
+          "cores_busy": cpu_seconds / seconds,
+          "frames_per_s_bound": nproc * written / cpu_seconds}
+
+
+def check_folder(manual_dir: epath.Path, frames: int) -> dict:
+  """The launcher's check (every file decoded), once: every mode runs it
+  before it writes, and it is cached per folder, so it is timed apart."""
+  builder = tfds.builder("record3d/r3d", data_dir=os.fspath(manual_dir.parent / "check"))
+  start = time.perf_counter()
+  builder._scan(manual_dir)  # pylint: disable=protected-access
+  seconds = time.perf_counter() - start
+  return {"seconds": seconds, "frames_per_s": frames / seconds}
+
+
+def format_table(result: dict) -> str:
+  lines = ["| build | frames | s | frames/s | CPU ms/frame (launcher + workers) | cores busy "
+           "| frames/s the cores allow | vs in process |",
+           "|---|---|---|---|---|---|---|---|"]
+  base = next((r["frames_per_s"] for r in result["builds"] if r["mode"] == "in_process"), None)
+  for r in result["builds"]:
+    versus = f"{r['frames_per_s'] / base:.2f}x" if base else "-"
+    lines.append(
+        f"| {r['mode']} | {r['frames']} | {r['seconds']:.1f} | {r['frames_per_s']:.1f} | "
+        f"{r['cpu_ms_per_frame']:.1f} ({1000 * r['launcher_cpu_seconds'] / r['frames']:.1f} + "
+        f"{1000 * r['worker_cpu_seconds'] / r['frames']:.1f}) | {r['cores_busy']:.2f} | "
+        f"{r['frames_per_s_bound']:.1f} | {versus} |")
+  by_mode = {r["mode"]: r for r in result["builds"]}
+  if "beam_1" in by_mode and "beam_2" in by_mode:
+    one, two = by_mode["beam_1"], by_mode["beam_2"]
+    lines.append("")
+    lines.append(
+        f"beam_2 / beam_1: {two['frames_per_s'] / one['frames_per_s']:.2f}x; at beam_2's CPU "
+        f"cost the {result['machine']['cpus']} cores allow at most "
+        f"{two['frames_per_s_bound'] / one['frames_per_s']:.2f}x beam_1's frames/s.")
+  check = result["check"]
+  lines.append(f"Launcher check (every file decoded, before any build writes): "
+               f"{check['seconds']:.1f} s, {check['frames_per_s']:.1f} frames/s.")
+  return "\n".join(lines)
+
+
+def define_flags() -> None:
+  """Declared only when run as a program: trainer.benchmark has flags of the
+  same names (--workdir, --json) and tests import both modules."""
+  flags.DEFINE_integer("frames", 1280, "Frames in all, split evenly over --captures.")
+  flags.DEFINE_integer("captures", 16, "Number of .r3d captures (one sequence each).")
+  flags.DEFINE_integer("distinct_frames", 8, "Frames actually rendered, cycled to fill the captures.")
+  flags.DEFINE_list("modes", ["in_process", "beam_1", "beam_2"],
+                    "Builds to time, in order: in_process, beam_memory, beam_N (N workers).")
+  flags.DEFINE_string("image_size", "960,720", "H,W of the RGB frames (the phone's, portrait).")
+  flags.DEFINE_string("depth_size", "256,192", "H,W of depth and confidence (LiDAR: 256,192).")
+  flags.DEFINE_string("workdir", None, "Where the captures and the builds go (default: a new temp dir).")
+  flags.DEFINE_string("json", None, "Also write every figure to this JSON file.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  for mode in FLAGS.modes:
+    try:
+      beam_flags(mode)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+  try:
+    image_size = sizes.parse_image_size(FLAGS.image_size, "--image_size")
+    depth_size = sizes.parse_image_size(FLAGS.depth_size, "--depth_size")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if FLAGS.captures < 1 or FLAGS.frames < 10 * FLAGS.captures:
+    raise app.UsageError(f"--frames={FLAGS.frames} --captures={FLAGS.captures}: need at least "
+                         "1 capture and 10 frames per capture (splits are made by capture)")
+  if FLAGS.distinct_frames < 1:
+    raise app.UsageError("--distinct_frames must be at least 1")
+  workdir = epath.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="record3d_build_"))
+  manual_dir = workdir / f"captures_{FLAGS.frames}_{FLAGS.captures}"
+  started = time.perf_counter()
+  frames = write_captures(manual_dir, FLAGS.frames, FLAGS.captures, FLAGS.distinct_frames,
+                          image_size, depth_size)
+  load_start = os.getloadavg()[0]
+  result = {"machine": {"cpus": os.cpu_count(), "load_average_start": load_start},
+            "frames": frames, "captures": FLAGS.captures, "image_size": list(image_size),
+            "depth_size": list(depth_size), "distinct_frames": FLAGS.distinct_frames,
+            "check": check_folder(manual_dir, frames), "builds": []}
+  rates = []
+  for index, mode in enumerate(FLAGS.modes):
+    left = (len(FLAGS.modes) - index) * frames / statistics.mean(rates) if rates else None
+    logging.info("=== build %d/%d: %s (%.0f s since start%s)", index + 1, len(FLAGS.modes), mode,
+                 time.perf_counter() - started,
+                 f", ~{left:.0f} s left at the rate so far" if left else "")
+    build = time_build(mode, manual_dir, workdir / f"build_{mode}")
+    rates.append(build["frames_per_s"])
+    logging.info("%s: %d frames in %.1f s, %.1f frames/s, %.1f CPU ms/frame, %.2f cores busy",
+                 mode, build["frames"], build["seconds"], build["frames_per_s"],
+                 build["cpu_ms_per_frame"], build["cores_busy"])
+    result["builds"].append(build)
+  result["machine"]["load_average_end"] = os.getloadavg()[0]
+  table = format_table(result)
+  print(f"{frames} frames in {FLAGS.captures} .r3d captures ({image_size[0]}x{image_size[1]} JPEG, "
+        f"{depth_size[0]}x{depth_size[1]} depth, HxW), {os.cpu_count()} CPUs, load average "
+        f"{load_start:.2f} at start, {result['machine']['load_average_end']:.2f} at end:\n{table}")
+  if FLAGS.json:
+    epath.Path(FLAGS.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
