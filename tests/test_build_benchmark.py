@@ -36,7 +36,7 @@ def test_build_benchmark_reports_every_figure(tmp_path):
   assert result["check"]["seconds"] > 0 and result["check"]["frames_per_s"] > 0
   assert [b["mode"] for b in result["builds"]] == ["in_process", "beam_memory"]
   for build in result["builds"]:
-    assert build["frames"] == 20, build  # every frame written (the builder also checks)
+    assert build["frames"] == 20 and build["lost"] is None, build  # the builder checks too
     for key in ("seconds", "frames_per_s", "cpu_seconds", "launcher_cpu_seconds",
                 "cpu_ms_per_frame", "cores_busy", "frames_per_s_bound"):
       assert math.isfinite(build[key]) and build[key] > 0, (build["mode"], key, build[key])
@@ -76,3 +76,14 @@ def test_bad_flags_stop_before_anything_is_written(tmp_path):
   proc = _run([*TINY[:-1], "--depth_size=32", f"--workdir={tmp_path / 'w'}"])
   assert proc.returncode != 0 and "--depth_size" in proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_a_build_that_lost_frames_is_reported_not_hidden():
+  build = {"mode": "beam_2", "frames": 40, "lost": "record3d/r3d: ... (train: 30 written of 40)",
+           "seconds": 2.0, "frames_per_s": 20.0, "cpu_ms_per_frame": 90.0,
+           "launcher_cpu_seconds": 1.2, "worker_cpu_seconds": 2.4, "cores_busy": 1.8,
+           "frames_per_s_bound": 22.2}
+  table = build_benchmark.format_table({"builds": [build], "machine": {"cpus": 2},
+                                        "check": {"seconds": 1.0, "frames_per_s": 40.0}})
+  assert "| beam_2 | LOST frames of 40 |" in table
+  assert "beam_2: record3d/r3d: ... (train: 30 written of 40)" in table

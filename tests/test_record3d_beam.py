@@ -93,12 +93,22 @@ def test_a_build_that_loses_examples_stops_and_keeps_nothing(tmp_path, monkeypat
     return tasks[1:] if ref.name == "kitchen" else tasks  # one frame of one capture vanishes
 
   monkeypatch.setattr(beam_build, "list_frames", drops_one)
-  with pytest.raises(builder_module.LostExamplesError, match=r"(\d+) written of (?!\1)\d+"):
+  with pytest.raises(builder_module.LostExamplesError,
+                     match=r"(\d+) written of (?!\1)\d+.*missing before they were serialized"):
     _build("r3d", DUMMY / "r3d", tmp_path / "out", ["--runner=DirectRunner"])
   assert not list((tmp_path / "out").glob("record3d/r3d/*/dataset_info.json"))
   with pytest.raises(builder_module.LostExamplesError, match="validation: 1 written of 2"):
     builder_module.check_written_counts("r3d", {"train": 3, "validation": 2},
                                         {"train": 3, "validation": 1}, beam=False)
+  # What the DirectRunner once did here: every example serialized and given a
+  # shard, one whole shard never written.
+  with pytest.raises(builder_module.LostExamplesError,
+                     match="serialized 5 examples of 5 and wrote 2 of 3 shards: every example "
+                           "was serialized and assigned a shard; they went missing between "
+                           "grouping into shards and writing"):
+    builder_module.check_written_counts(
+        "r3d", {"train": 3, "validation": 2}, {"train": 1, "validation": 2}, beam=True,
+        writer={"serialized": 5, "shards_planned": 3, "shards_written": 2})
 
 
 # --- gs:// ---------------------------------------------------------------------

@@ -101,6 +101,27 @@ def split_transform(split: str, source: str, manual_dir, parts):
       | "ReadFrames" >> beam.Map(ReadFrame(split)))
 
 
+# TFDS' BeamWriter counters (namespace "BeamWriter"), summed over the splits:
+# what a lost-examples error reports, to tell where examples went missing.
+WRITER_COUNTERS = {"serialized_examples": "serialized", "NumberOfShards": "shards_planned",
+                   "written_shards": "shards_written"}
+
+
+def writer_counters(pipeline_result) -> dict:
+  """{serialized, shards_planned, shards_written} of a finished pipeline (the
+  DirectRunner only has attempted values, exact when no bundle was retried)."""
+  beam = tfds.core.lazy_imports.apache_beam
+  query = pipeline_result.metrics().query(
+      beam.metrics.metric.MetricsFilter().with_namespace("BeamWriter"))
+  out = {}
+  for result in query["counters"]:
+    name = WRITER_COUNTERS.get(result.key.metric.name)
+    if name:
+      value = result.committed if result.committed is not None else result.attempted
+      out[name] = out.get(name, 0) + int(value)
+  return out
+
+
 def uses_beam(download_config) -> bool:
   """Did the user ask for a Beam build (options or a runner)?"""
   return bool(download_config is not None and

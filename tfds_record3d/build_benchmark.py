@@ -16,8 +16,9 @@ apart: every mode pays it before it writes). Modes:
                 --direct_running_mode=multi_processing` (N worker processes)
 
 Per mode: frames written (the builder itself refuses a build that lost a
-frame, LostExamplesError), wall seconds, frames/s, and the CPU seconds of this
-process and of every child process (the Beam workers), sampled with psutil
+frame with LostExamplesError: reported as LOST, with the error's counts),
+wall seconds, frames/s, and the CPU seconds of this process and of every
+child process (the Beam workers), sampled with psutil
 every 0.2 s: CPU ms per frame and cores busy. From the CPU cost it also gives
 the frames/s this machine's cores could reach at best (nproc / CPU per frame),
 which says whether a ratio such as "2 workers >= 1.6x one" is possible here
@@ -51,6 +52,7 @@ import tfds_record3d  # noqa: F401  (registers record3d)
 from tfds_record3d import sizes
 from tfds_record3d import synthetic
 from tfds_record3d import writers
+from tfds_record3d.record3d import record3d_dataset_builder as record3d_builder
 
 FLAGS = flags.FLAGS
 MODES_HELP = "in_process, beam_memory or beam_N with N >= 1 worker processes"
@@ -146,7 +148,9 @@ class TreeCpu:
 # ----------------------------------------------------------------------------
 # One build.
 # ----------------------------------------------------------------------------
-def time_build(mode: str, manual_dir: epath.Path, data_dir: epath.Path) -> dict:
+def time_build(mode: str, manual_dir: epath.Path, data_dir: epath.Path, frames: int) -> dict:
+  """One build of the folder into a fresh `data_dir`, timed with its CPU. A build
+  that lost frames (LostExamplesError, nothing kept) is reported as such."""
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   options = beam_flags(mode)
   if data_dir.exists():
@@ -155,14 +159,21 @@ def time_build(mode: str, manual_dir: epath.Path, data_dir: epath.Path) -> dict:
   config = tfds.download.DownloadConfig(
       manual_dir=os.fspath(manual_dir),
       beam_options=PipelineOptions(flags=options) if options else None)
+  lost = None
   with TreeCpu() as cpu:
     start = time.perf_counter()
-    builder.download_and_prepare(download_config=config)
+    try:
+      builder.download_and_prepare(download_config=config)
+    except record3d_builder.LostExamplesError as e:  # a result to report, not a crash
+      lost = str(e)
+      logging.warning("%s: %s", mode, lost)
     seconds = time.perf_counter() - start
-  written = sum(split.num_examples for split in builder.info.splits.values())
+  # A build that lost frames is not kept: its rate counts the frames it was given.
+  written = frames if lost else sum(split.num_examples for split in builder.info.splits.values())
   cpu_seconds = cpu.own_seconds + cpu.children_seconds
   nproc = os.cpu_count() or 1
-  return {"mode": mode, "beam_flags": options, "frames": written, "seconds": seconds,
+  return {"mode": mode, "beam_flags": options, "frames": written, "lost": lost,
+          "seconds": seconds,
           "frames_per_s": written / seconds, "cpu_seconds": cpu_seconds,
           "launcher_cpu_seconds": cpu.own_seconds, "worker_cpu_seconds": cpu.children_seconds,
           "worker_processes": cpu.worker_processes,
@@ -188,8 +199,9 @@ def format_table(result: dict) -> str:
   base = next((r["frames_per_s"] for r in result["builds"] if r["mode"] == "in_process"), None)
   for r in result["builds"]:
     versus = f"{r['frames_per_s'] / base:.2f}x" if base else "-"
+    frames = f"LOST frames of {r['frames']}" if r["lost"] else r["frames"]
     lines.append(
-        f"| {r['mode']} | {r['frames']} | {r['seconds']:.1f} | {r['frames_per_s']:.1f} | "
+        f"| {r['mode']} | {frames} | {r['seconds']:.1f} | {r['frames_per_s']:.1f} | "
         f"{r['cpu_ms_per_frame']:.1f} ({1000 * r['launcher_cpu_seconds'] / r['frames']:.1f} + "
         f"{1000 * r['worker_cpu_seconds'] / r['frames']:.1f}) | {r['cores_busy']:.2f} | "
         f"{r['frames_per_s_bound']:.1f} | {versus} |")
@@ -201,6 +213,9 @@ def format_table(result: dict) -> str:
         f"beam_2 / beam_1: {two['frames_per_s'] / one['frames_per_s']:.2f}x; at beam_2's CPU "
         f"cost the {result['machine']['cpus']} cores allow at most "
         f"{two['frames_per_s_bound'] / one['frames_per_s']:.2f}x beam_1's frames/s.")
+  for r in result["builds"]:
+    if r["lost"]:
+      lines.append(f"{r['mode']}: {r['lost']}")
   check = result["check"]
   lines.append(f"Launcher check (every file decoded, before any build writes): "
                f"{check['seconds']:.1f} s, {check['frames_per_s']:.1f} frames/s.")
@@ -255,7 +270,7 @@ def main(argv):
     logging.info("=== build %d/%d: %s (%.0f s since start%s)", index + 1, len(FLAGS.modes), mode,
                  time.perf_counter() - started,
                  f", ~{left:.0f} s left at the rate so far" if left else "")
-    build = time_build(mode, manual_dir, workdir / f"build_{mode}")
+    build = time_build(mode, manual_dir, workdir / f"build_{mode}", frames)
     rates.append(build["frames_per_s"])
     logging.info("%s: %d frames in %.1f s, %.1f frames/s, %.1f CPU ms/frame, %.2f cores busy",
                  mode, build["frames"], build["seconds"], build["frames_per_s"],

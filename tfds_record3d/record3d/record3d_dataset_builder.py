@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import time
+from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -301,12 +302,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       logging.info("record3d/%s renders in process: Beam options are used by the "
                    "pairs and r3d configs only", self.builder_config.name)
     self._planned_frames = None
+    self._writer_counters = None
     result = super()._download_and_prepare(dl_manager, download_config)
     # Raised here, the build stays in TFDS' incomplete folder, which TFDS
     # removes: nothing that loads is left (and an earlier build is kept).
     check_written_counts(self.builder_config.name, self._planned_frames,
                          {name: split.num_examples for name, split in self.info.splits.items()},
-                         self._use_beam)
+                         self._use_beam, self._writer_counters)
     return result
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -355,7 +357,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                  time.time() - started, summary)
 
   def _process_pipeline_result(self, pipeline_result):
-    """After a Beam build (on the launcher): the split statistics from metrics."""
+    """After a Beam build (on the launcher): the split statistics from metrics,
+    and TFDS' writer counters for check_written_counts."""
+    self._writer_counters = beam_build.writer_counters(pipeline_result)
     for split, sequences in (getattr(self, "_beam_plan", None) or {}).items():
       self.info.metadata["stats"][split] = split_stats.from_metrics(
           pipeline_result, split, sequences)
@@ -367,13 +371,16 @@ class LostExamplesError(RuntimeError):
   """A build wrote fewer (or more) examples than the checked folder holds."""
 
 
-def check_written_counts(config: str, planned, written: dict, beam: bool) -> None:
+def check_written_counts(config: str, planned, written: dict, beam: bool,
+                         writer: Optional[dict] = None) -> None:
   """Every planned frame was written, once: else LostExamplesError naming the splits.
 
   Measured on this project's machine: Apache Beam's DirectRunner
-  (multi_processing, 1 or 2 workers) silently dropped 560 and 705 of 4,160
-  train frames of 32 960x720 `.r3d` captures (its own metrics counted all
-  4,160 read), while 1,280 frames built whole. So every build is counted.
+  (multi_processing, 1 or 2 workers) now and then drops examples of large
+  builds (560 and 705 of 4,160 train frames of 32 960x720 `.r3d` captures;
+  once, a whole shard of 240), while its own metrics counted them all. So
+  every build is counted. `writer`: TFDS' Beam writer counters
+  (beam_build.writer_counters), said in the error to show where they went.
   """
   if not planned:
     return
@@ -382,8 +389,17 @@ def check_written_counts(config: str, planned, written: dict, beam: bool) -> Non
   if wrong:
     details = "; ".join(f"{split}: {got} written of {count}" for split, (count, got)
                         in sorted(wrong.items()))
+    where = ""
+    if writer:
+      lost_before = writer.get("serialized", 0) != sum(planned.values())
+      where = (f" TFDS' Beam writer serialized {writer.get('serialized', 0)} examples of "
+               f"{sum(planned.values())} and wrote {writer.get('shards_written', 0)} of "
+               f"{writer.get('shards_planned', 0)} shards: " + (
+                   "examples went missing before they were serialized." if lost_before else
+                   "every example was serialized and assigned a shard; they went missing "
+                   "between grouping into shards and writing."))
     raise LostExamplesError(
-        f"record3d/{config}: the build did not write every checked frame ({details}). "
+        f"record3d/{config}: the build did not write every checked frame ({details}).{where} "
         "Nothing was kept. " + (
             "The Beam runner lost examples between reading and writing: build in process "
             "(no --beam_pipeline_options), or on Dataflow; the local DirectRunner has "
