@@ -49,6 +49,14 @@ def test_stage_all_runs_every_stage_and_writes_the_workdir(all_stages, event_sca
                "comparison.png", "predict/outputs", "export/depth_float32.tflite",
                "export/depth_int8.tflite"):
     assert os.path.exists(f"{base}/{path}"), path
+  # The chain's export is finetune's own, copied: the same files, byte for byte.
+  main, finetune = f"{base}/export", f"{base}/finetune/export"
+  copied = {os.path.relpath(os.path.join(d, f), finetune)
+            for d, _, files in os.walk(finetune) for f in files}
+  assert copied and copied <= {os.path.relpath(os.path.join(d, f), main)
+                               for d, _, files in os.walk(main) for f in files}
+  for name in copied:
+    assert open(f"{main}/{name}", "rb").read() == open(f"{finetune}/{name}", "rb").read(), name
   table = open(f"{base}/results.md").read()
   assert "constant (train median" in table and "finetune (unet)" in table
   figure = Image.open(f"{base}/comparison.png")

@@ -79,6 +79,22 @@ def export_saved_model(config: Config, stage: str, trained: keras.Model, export_
   return export_dir
 
 
+def copy_export(source_dir: str, export_dir: str) -> str:
+  """The SavedModel in `source_dir` (+ its depth2d.json), copied file by file to
+  `export_dir` (local or gs://): the same bytes as exporting the same network
+  again, without tracing it a second time."""
+  if tf.io.gfile.exists(export_dir):
+    tf.io.gfile.rmtree(export_dir)  # a stale export must not mix with the copy
+  source_dir = source_dir.rstrip("/")
+  for folder, _, files in tf.io.gfile.walk(source_dir):
+    target = export_dir + folder[len(source_dir):]
+    tf.io.gfile.makedirs(target)
+    for name in files:
+      tf.io.gfile.copy(f"{folder}/{name}", f"{target}/{name}")
+  logging.info("copied the export %s to %s", source_dir, export_dir)
+  return export_dir
+
+
 def calibration_images(builder, count: int):
   """The first `count` training images, uint8 [H, W, 3] as stored: what the phone
   gives the TFLite file, which preprocesses them itself (in file order: the

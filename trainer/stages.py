@@ -85,8 +85,8 @@ def export_stages(config: "Config", results: dict, builder) -> None:
                  "export is in %s)", workdir.export_dir(config), workdir.export_dir(config, "rough"))
     main_stage = None
   if main_stage:
-    export_lib.export_saved_model(config, main_stage, results[main_stage].model,
-                                  workdir.export_dir(config))
+    # The stage's own export, written above: copied, not traced a second time.
+    export_lib.copy_export(workdir.export_dir(config, main_stage), workdir.export_dir(config))
     if config.tflite:
       export_lib.export_tflite(config, main_stage, results[main_stage].model, builder,
                                workdir.export_dir(config))
