@@ -51,6 +51,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -70,6 +71,7 @@ from trainer import evaluate
 from trainer import input_pipeline
 from trainer import models
 from trainer import precision
+from trainer import preprocessing
 from trainer import progress as progress_lib
 from trainer import train
 from trainer import workdir as workdir_lib
@@ -140,6 +142,12 @@ flags.DEFINE_multi_string("real_train_sizes", ["192,144", "256,192"],
 flags.DEFINE_string("png_image_size", "320,240",
                     "H,W of the same frames stored as PNG for the PNG first-pass ratio.")
 flags.DEFINE_string("png_train_size", _DEFAULT_SIZE, "Training size H,W for the PNG ratio.")
+flags.DEFINE_integer("first_pass_rounds", 5,
+                     "Alternations of tf.data first pass / seed-style loader per comparison "
+                     "(each ~1 s and +-20% alone); the medians count.")
+flags.DEFINE_integer("breakdown_repeats", 5,
+                     "Runs per cut of the real-size first-pass breakdown (one thread, the "
+                     "pipeline cut after each stage; the fastest run counts); 0 skips it.")
 flags.DEFINE_integer("real_steady_batches", 20,
                      "Steady-state batches timed per real-size point (after the first pass).")
 flags.DEFINE_string("workdir", None,
@@ -206,27 +214,30 @@ def measure_tf_data(config: Config, builder, num_batches: int, threads: int = 0)
 
   first pass: the first epoch's worth of batches from a fresh iterator; every
     example is read and decoded once (plus the shuffle buffer's fill).
-  steady: the next `num_batches`, after a few untimed ones; the split is now
-    cached in memory, as it is for the rest of training.
+  steady: the next `num_batches` (0: not measured), after a few untimed ones;
+    the split is now cached in memory, as it is for the rest of training.
   threads > 0: the whole pipeline on a private pool of that many threads, one
     op at a time inside each (what that many cores deliver).
   """
   num_train = datasets.num_examples(builder, "train")
   batch = config.global_batch_size
   first_batches = max(1, num_train // batch)
-  dataset = input_pipeline.train_dataset(config, "gradient", builder)
-  if threads:
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = threads
-    options.threading.max_intra_op_parallelism = 1
-    dataset = dataset.with_options(options)
+  dataset = on_threads(input_pipeline.train_dataset(config, "gradient", builder), threads)
   iterator = iter(dataset)
   progress = progress_lib.Progress("tf.data first pass", first_batches, unit="batches")
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), process_cpu_seconds()
   for i in range(first_batches):
     next(iterator)
     progress.update(i + 1)
   first_seconds = time.perf_counter() - start
+  first_cpu = process_cpu_seconds() - cpu_start
+  first = {"first_pass_examples_per_s": first_batches * batch / first_seconds,
+           "first_pass_examples": first_batches * batch,
+           # CPU of the whole process (every thread, spinning ones included).
+           "first_pass_cpu_ms_per_example": 1000.0 * first_cpu / (first_batches * batch),
+           "first_pass_cores_busy": first_cpu / first_seconds}
+  if not num_batches:
+    return first
   for _ in range(3):
     next(iterator)
   progress = progress_lib.Progress("tf.data steady state", num_batches, unit="batches")
@@ -238,10 +249,124 @@ def measure_tf_data(config: Config, builder, num_batches: int, threads: int = 0)
   # lazily finished work is inside the timing.
   element["target"].numpy()
   steady_seconds = time.perf_counter() - start
-  return {"first_pass_examples_per_s": first_batches * batch / first_seconds,
-          "first_pass_examples": first_batches * batch,
-          "steady_examples_per_s": num_batches * batch / steady_seconds,
+  return {**first, "steady_examples_per_s": num_batches * batch / steady_seconds,
           "steady_examples": num_batches * batch}
+
+
+def first_pass_rounds(config: Config, builder, files, rounds: int, steady_batches: int,
+                      one_thread: bool = True) -> dict:
+  """`rounds` alternations of: the tf.data first pass on all cores, the same
+  on one thread (one_thread), and the seed-style PIL loader over `files`
+  (each a fresh iterator, so every round decodes every example). A single
+  first pass lasts about a second here, and runs of it swing by +-20%: the
+  figures are the rounds' medians, the ratio the median of the rounds' own
+  ratios (each round's pair ran back to back). The steady state is measured
+  once, after the last round's all-core first pass."""
+  all_cores, single, pil = [], [], []
+  for index in range(rounds):
+    last = index == rounds - 1
+    all_cores.append(measure_tf_data(config, builder, steady_batches if last else 0))
+    if one_thread:
+      single.append(measure_tf_data(config, builder, 0, threads=1))
+    pil.append(measure_seed_loader(files, tuple(config.image_size), config.global_batch_size,
+                                   config))
+  median = lambda rows, key: statistics.median(row[key] for row in rows)
+  rates = [a["first_pass_examples_per_s"] for a in all_cores]
+  pil_rates = [p["examples_per_s"] for p in pil]
+  out = {"rounds": rounds,
+         "tfdata_first_pass_examples_per_s": statistics.median(rates),
+         "tfdata_first_pass_examples_per_s_rounds": rates,
+         "tfdata_first_pass_examples": all_cores[0]["first_pass_examples"],
+         "tfdata_first_pass_cpu_ms_per_example": median(all_cores, "first_pass_cpu_ms_per_example"),
+         "tfdata_first_pass_cores_busy": median(all_cores, "first_pass_cores_busy"),
+         "tfdata_steady_examples_per_s": all_cores[-1]["steady_examples_per_s"],
+         "tfdata_steady_examples": all_cores[-1]["steady_examples"],
+         "seed_loader_examples_per_s": statistics.median(pil_rates),
+         "seed_loader_examples_per_s_rounds": pil_rates,
+         "seed_loader_examples": pil[0]["examples"],
+         "ratio_first_pass": statistics.median(a / p for a, p in zip(rates, pil_rates))}
+  out["ratio_steady"] = out["tfdata_steady_examples_per_s"] / out["seed_loader_examples_per_s"]
+  if one_thread:
+    out["tfdata_first_pass_one_thread_examples_per_s"] = median(single,
+                                                                "first_pass_examples_per_s")
+  return out
+
+
+def on_threads(dataset: tf.data.Dataset, threads: int) -> tf.data.Dataset:
+  """threads > 0: the whole pipeline on a private pool of that many threads,
+  one op at a time inside each (what that many cores deliver)."""
+  if not threads:
+    return dataset
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = threads
+  options.threading.max_intra_op_parallelism = 1
+  return dataset.with_options(options)
+
+
+def process_cpu_seconds() -> float:
+  """User + system CPU of this process, all threads."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def first_pass_breakdown(config: Config, builder, repeats: int) -> list:
+  """Where the first pass goes, on ONE thread: the training pipeline's own
+  functions, cut after each stage (each cut includes the ones before it), the
+  train split read once per cut from a fresh iterator (built before the
+  clock starts; its first element's start-up is timed), the cuts taken in
+  turn `repeats` times, the fastest run of each kept. Returns [{"stage",
+  "ms_per_example" (cumulative), "stage_ms_per_example"}]."""
+  batch = config.global_batch_size
+  num_train = datasets.num_examples(builder, "train")
+  features = input_pipeline.used_features(config.min_confidence)
+  seed = tf.constant([0, 1], tf.int64)  # augmentation draws: same cost for any seed
+
+  def read():
+    return input_pipeline.read_split(builder, "train", shuffle_files=False, features=features)
+
+  def decoded():
+    return read().map(lambda ex: input_pipeline.decode_image(
+        ex["image"], config.image_size, reduced=config.jpeg_reduced_decode))
+
+  def resized():
+    return read().map(lambda ex: input_pipeline.resize_example(ex, config,
+                                                               config.min_confidence))
+
+  def augmented():
+    return resized().cache().map(
+        lambda r: input_pipeline.augmented_example(r, config.augment, seed))
+
+  cuts = [  # (stage, dataset, examples per element)
+      ("TFDS read + parse (image bytes, depth, confidence)", read, 1),
+      ("+ image decode (decode_image)", decoded, 1),
+      ("+ network_input (antialiased resize, [0, 1])",
+       lambda: decoded().map(lambda image: preprocessing.network_input(image, config.image_size)),
+       1),
+      ("+ depth valid-average resize (= resize_example)", resized, 1),
+      ("+ memory cache, augmentation, mask", augmented, 1),
+      ("+ batch, Sobel target per batch",
+       lambda: augmented().batch(batch).map(lambda b: input_pipeline.with_target(b, "gradient")),
+       batch),
+      ("train_dataset (+ shuffle buffer, seeds, prefetch): its first epoch",
+       lambda: input_pipeline.train_dataset(config, "gradient", builder).take(num_train // batch),
+       batch),
+  ]
+  times = {stage: [] for stage, _, _ in cuts}
+  progress = progress_lib.Progress("first-pass breakdown", len(cuts) * repeats, unit="runs")
+  for _ in range(repeats):  # every cut once per repeat: a slow moment hits them all
+    for stage, make, per_element in cuts:
+      iterator = iter(on_threads(make(), 1))  # built (and traced) before the clock
+      start, elements = time.perf_counter(), 0
+      for _ in iterator:
+        elements += 1
+      times[stage].append((time.perf_counter() - start) / (elements * per_element))
+      progress.update(add=1)
+  out, previous = [], 0.0
+  for stage, _, _ in cuts:
+    ms = 1000.0 * min(times[stage])
+    out.append({"stage": stage, "ms_per_example": ms, "stage_ms_per_example": ms - previous})
+    previous = ms
+  return out
 
 
 def export_seed_folders(builder, folder: str, count: int) -> int:
@@ -377,24 +502,24 @@ def split_files(builder, manual_dir: str, split: str = "train"):
 
 
 def real_size_point(base: Config, builder, manual_dir: str, size, kind: str,
-                    steady_batches: int) -> dict:
-  """One (stored format, training size): tf.data first pass (all cores and one
-  thread), steady state, and the seed-style loader on the same train files."""
+                    steady_batches: int, rounds: int = 1, repeats: int = 0) -> dict:
+  """One (stored format, training size): first_pass_rounds (tf.data on all
+  cores and one thread, with its CPU per example, against the seed-style loader
+  on the same train files), the steady state, and (repeats > 0)
+  first_pass_breakdown."""
   config = dataclasses.replace(base, image_size=tuple(size))
-  tf_data = measure_tf_data(config, builder, steady_batches)
-  one_thread = measure_tf_data(config, builder, 1, threads=1)
   files = split_files(builder, manual_dir)
-  seed = measure_seed_loader(files, tuple(size), base.global_batch_size, config)
+  compared = first_pass_rounds(config, builder, files, rounds, steady_batches)
+  breakdown = first_pass_breakdown(config, builder, repeats) if repeats else []
+  nproc = os.cpu_count() or 1
   return {"stored": kind, "image_size": list(size), "batch_size": base.global_batch_size,
-          "train_files": len(files),
-          "tfdata_first_pass_examples_per_s": tf_data["first_pass_examples_per_s"],
-          "tfdata_first_pass_examples": tf_data["first_pass_examples"],
-          "tfdata_steady_examples_per_s": tf_data["steady_examples_per_s"],
-          "tfdata_first_pass_one_thread_examples_per_s": one_thread["first_pass_examples_per_s"],
+          "train_files": len(files), **compared, "first_pass_breakdown": breakdown,
           "tfdata_first_pass_examples_per_s_per_core":
-              tf_data["first_pass_examples_per_s"] / (os.cpu_count() or 1),
-          "seed_loader_examples_per_s": seed["examples_per_s"],
-          "ratio_first_pass": tf_data["first_pass_examples_per_s"] / seed["examples_per_s"]}
+              compared["tfdata_first_pass_examples_per_s"] / nproc,
+          "seed_loader_ms_per_example": 1000.0 / compared["seed_loader_examples_per_s"],
+          # The CPU one example may cost for 3x the PIL loop with every core busy.
+          "cpu_ms_per_example_for_3x":
+              1000.0 * nproc / (3 * compared["seed_loader_examples_per_s"])}
 
 
 # ----------------------------------------------------------------------------
@@ -497,7 +622,8 @@ def format_report(result: dict) -> str:
          f"before and after the train steps: "
          f"{', '.join(_g(v / 1e9) for v in result['matmul']['measurements'])}).", ""]
   out.append(f"Input pipeline, {p['image_size'][0]}x{p['image_size'][1]}, batch "
-             f"{p['batch_size']}, gradient stage (examples/s):")
+             f"{p['batch_size']}, gradient stage (examples/s; first pass and PIL: medians of "
+             f"{p['rounds']} alternating rounds, ratio: the median of the rounds' ratios):")
   out.append(_table(
       ["loader", "examples/s", "vs seed-style loader"],
       [["seed-style PIL loop over X/ Y/ PNGs", _g(p["seed_loader_examples_per_s"]), "1"],
@@ -542,7 +668,8 @@ def format_report(result: dict) -> str:
                f"the same frames as {size_name(r['png_image_size'])} PNG; gradient stage, "
                f"batch {result['config']['batch_size']}, train split "
                f"({r['points'][0]['train_files'] if r['points'] else r['png']['train_files']} "
-               "files), examples/s:")
+               f"files), examples/s (first passes and PIL: medians of {r['png']['rounds']} "
+               "alternating rounds; vs PIL: the median of the rounds' ratios):")
     rows = []
     for q in r["points"] + [r["png"]]:
       source = size_name(r["image_size"] if q["stored"] == "jpeg" else r["png_image_size"])
@@ -559,6 +686,28 @@ def format_report(result: dict) -> str:
                        "first pass vs PIL", "first pass per core (/nproc)",
                        "first pass, 1 thread", "tf.data steady", "training consumes",
                        "first pass vs training"], rows))
+    points = r["points"] + [r["png"]]
+    names = [f"{size_name(r['image_size'] if q['stored'] == 'jpeg' else r['png_image_size'])} "
+             f"{q['stored'].upper()} -> {size_name(q['image_size'])}" for q in points]
+    out.append("")
+    out.append("CPU per example in the first pass (this process, every thread) against what "
+               "3x the PIL loop allows with every core busy:")
+    out.append(_table(["input -> training size", "PIL loop ms/example (1 core)",
+                       "tf.data CPU ms/example", "cores busy", "CPU ms/example for 3x"],
+                      [[name, f"{q['seed_loader_ms_per_example']:.2f}",
+                        f"{q['tfdata_first_pass_cpu_ms_per_example']:.2f}",
+                        f"{q['tfdata_first_pass_cores_busy']:.2f}",
+                        f"{q['cpu_ms_per_example_for_3x']:.2f}"]
+                       for name, q in zip(names, points)]))
+    if all(q["first_pass_breakdown"] for q in points):
+      out.append("")
+      out.append("Where the first pass goes, ONE thread, ms per example: the pipeline cut "
+                 "after each stage (cumulative), and (in brackets) what the stage adds:")
+      stages = [row["stage"] for row in points[0]["first_pass_breakdown"]]
+      rows = [[stage] + [f"{q['first_pass_breakdown'][i]['ms_per_example']:.2f} "
+                         f"({q['first_pass_breakdown'][i]['stage_ms_per_example']:+.2f})"
+                         for q in points] for i, stage in enumerate(stages)]
+      out.append(_table(["pipeline up to"] + names, rows))
   out.append("")
   out.append("Targets:")
   out.append(_table(["target", "measured", "met"],
@@ -634,8 +783,12 @@ def run_benchmark() -> dict:
     for arch in names:
       if arch not in models.ARCHITECTURES:
         raise app.UsageError(f"{flag}: unknown {arch!r}; valid {models.ARCHITECTURES}")
-  if min(FLAGS.steps, FLAGS.batch_size, FLAGS.pipeline_batches, FLAGS.matmul_repeats) < 1:
-    raise app.UsageError("--steps, --batch_size, --pipeline_batches and --matmul_repeats must be >= 1")
+  if min(FLAGS.steps, FLAGS.batch_size, FLAGS.pipeline_batches, FLAGS.matmul_repeats,
+         FLAGS.first_pass_rounds) < 1:
+    raise app.UsageError("--steps, --batch_size, --pipeline_batches, --matmul_repeats and "
+                         "--first_pass_rounds must be >= 1")
+  if FLAGS.breakdown_repeats < 0:
+    raise app.UsageError("--breakdown_repeats must be >= 0 (0 skips the breakdown)")
   if FLAGS.seed_loader_examples < FLAGS.batch_size:
     raise app.UsageError("--seed_loader_examples must be at least --batch_size")
   real_image = config_lib.parse_image_size(FLAGS.real_image_size, "--real_image_size")
@@ -679,7 +832,7 @@ def run_benchmark() -> dict:
   if default_point not in points:
     points.append(default_point)
   real_points = len(real_train) + 2 if FLAGS.real_size_frames else 0  # + build, + PNG
-  phases = 3 + len(points) * (2 if FLAGS.jit_compile else 1) + real_points + (
+  phases = 2 + len(points) * (2 if FLAGS.jit_compile else 1) + real_points + (
       len(accuracy_architectures) if FLAGS.accuracy_budget_seconds > 0 else 0)
   phase = [0]
 
@@ -691,26 +844,17 @@ def run_benchmark() -> dict:
   # 1. Input pipelines, same files, same output size.
   begin("matmul peak")
   matmul = [measure_matmul(FLAGS.matmul_size, FLAGS.matmul_repeats)]
-  begin("input pipeline: tf.data")
+  begin("input pipeline: tf.data first pass and seed-style PIL loader, "
+        f"{FLAGS.first_pass_rounds} rounds; steady state")
   pipeline_config = dataclasses.replace(base, image_size=pipeline_size)
-  tf_data = measure_tf_data(pipeline_config, builder, FLAGS.pipeline_batches)
-  begin("input pipeline: seed-style PIL loader")
   folder = os.path.join(workdir, "seed_png")
   count = export_seed_folders(builder, folder, FLAGS.seed_loader_examples)
   if count < FLAGS.batch_size:
     raise ValueError(f"only {count} training examples: fewer than --batch_size")
-  seed_loader = measure_seed_loader(seed_folder_files(folder), pipeline_size, FLAGS.batch_size,
-                                    pipeline_config)
-  result["input_pipeline"] = {
-      "image_size": list(pipeline_size), "batch_size": FLAGS.batch_size, "stage": "gradient",
-      "tfdata_first_pass_examples_per_s": tf_data["first_pass_examples_per_s"],
-      "tfdata_steady_examples_per_s": tf_data["steady_examples_per_s"],
-      "tfdata_first_pass_examples": tf_data["first_pass_examples"],
-      "tfdata_steady_examples": tf_data["steady_examples"],
-      "seed_loader_examples_per_s": seed_loader["examples_per_s"],
-      "seed_loader_examples": seed_loader["examples"],
-      "ratio_first_pass": tf_data["first_pass_examples_per_s"] / seed_loader["examples_per_s"],
-      "ratio_steady": tf_data["steady_examples_per_s"] / seed_loader["examples_per_s"]}
+  compared = first_pass_rounds(pipeline_config, builder, seed_folder_files(folder),
+                               FLAGS.first_pass_rounds, FLAGS.pipeline_batches, one_thread=False)
+  result["input_pipeline"] = {"image_size": list(pipeline_size), "batch_size": FLAGS.batch_size,
+                              "stage": "gradient", **compared}
 
   # 2 and 4. Train steps (default configuration included for 3).
   steps = []
@@ -746,9 +890,9 @@ def run_benchmark() -> dict:
   result["pipeline_over_training"] = {
       "architecture": base.architecture, "image_size": list(pipeline_size),
       "batch_size": FLAGS.batch_size,
-      "pipeline_examples_per_s": tf_data["steady_examples_per_s"],
+      "pipeline_examples_per_s": compared["tfdata_steady_examples_per_s"],
       "train_examples_per_s": default_step["examples_per_s"],
-      "ratio": tf_data["steady_examples_per_s"] / default_step["examples_per_s"]}
+      "ratio": compared["tfdata_steady_examples_per_s"] / default_step["examples_per_s"]}
 
   # 6. The phone's real sizes (JPEG) and the same frames as PNG.
   if FLAGS.real_size_frames:
@@ -761,7 +905,8 @@ def run_benchmark() -> dict:
     for size in real_train:
       begin(f"real size: {size_name(real_image)} JPEG -> {size_name(size)}")
       point = real_size_point(base, jpeg_builder, jpeg_manual, size, "jpeg",
-                              FLAGS.real_steady_batches)
+                              FLAGS.real_steady_batches, FLAGS.first_pass_rounds,
+                              FLAGS.breakdown_repeats)
       # The default architecture's training consumption at this size (the step
       # table's figure when it has this size, else timed now the same way).
       step = by_point.get((base.architecture, tuple(size)))
@@ -780,7 +925,8 @@ def run_benchmark() -> dict:
     begin(f"real size: {size_name(png_image)} PNG -> {size_name(png_train)}")
     png_builder, png_manual = built["png"]
     png = real_size_point(base, png_builder, png_manual, png_train, "png",
-                          FLAGS.real_steady_batches)
+                          FLAGS.real_steady_batches, FLAGS.first_pass_rounds,
+                          FLAGS.breakdown_repeats)
     result["real_size"] = {
         "frames": FLAGS.real_size_frames, "image_size": list(real_image),
         "depth_size": list(real_depth), "png_image_size": list(png_image),
