@@ -91,3 +91,33 @@ def test_failed_rebuild_keeps_prepared_dataset(tmp_path, bad_input):
   assert sorted((data_dir / "record3d").rglob("*")) == before
   examples = tfds.load("record3d/pairs", data_dir=str(data_dir), split="all")
   assert len(list(examples)) == 9
+
+
+def test_captures_are_checked_in_parallel_and_problems_keep_their_order():
+  """validation.check_each: threads finish in any order (the first item here
+  finishes last), results and problems come back in the items' order, and a
+  check that crashes is raised, not swallowed."""
+  import threading
+  import time
+  from tfds_record3d import validation
+  running = threading.Semaphore(0)
+
+  def check(item, found):
+    if item != 0:
+      running.release()
+    else:  # waits until every other check has run: finishes last
+      for _ in range(3):
+        assert running.acquire(timeout=10)
+      time.sleep(0.05)
+    found.append(validation.Problem(f"file{item}", "bad"))
+    return item * 10
+
+  problems = [validation.Problem("earlier", "kept first")]
+  assert validation.check_each([0, 1, 2, 3], check, "captures", problems, workers=4) == [
+      0, 10, 20, 30]
+  assert [p.path for p in problems] == ["earlier", "file0", "file1", "file2", "file3"]
+
+  def crash(item, found):
+    raise OSError(f"cannot read {item}")
+  with pytest.raises(OSError, match="cannot read 0"):  # the first item's, as in a loop
+    validation.check_each([0, 1], crash, "captures", [], workers=2)

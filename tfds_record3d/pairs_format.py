@@ -54,6 +54,7 @@ from tfds_record3d import depth_checks
 from tfds_record3d.frame_example import NO_TIMESTAMP
 from tfds_record3d.frame_example import frame_example
 from tfds_record3d import intrinsics as intrinsics_lib
+from tfds_record3d import validation
 from tfds_record3d.validation import Problem
 
 RGB_DIRS = ("rgb", "X")
@@ -421,10 +422,10 @@ def scan(manual_dir: epath.Path) -> tuple[list[PairsSequence], list[Problem]]:
     if not folders and not problems:
       problems.append(Problem(str(manual_dir),
                               "no sequence folders (<sequence>/rgb + <sequence>/depth)"))
-  sequences = []
-  for name, folder in folders:
+  def check(named_folder, found):
+    name, folder = named_folder
     logging.info("Checking sequence %s", folder)
-    sequence = _scan_sequence(name, folder, manual_dir, problems)
-    if sequence is not None:
-      sequences.append(sequence)
-  return sequences, problems
+    return _scan_sequence(name, folder, manual_dir, found)
+
+  checked = validation.check_each(folders, check, "sequences", problems)
+  return [sequence for sequence in checked if sequence is not None], problems

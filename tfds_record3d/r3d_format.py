@@ -46,6 +46,7 @@ from tfds_record3d import frame_example as frame_example_lib
 from tfds_record3d.frame_example import frame_example
 from tfds_record3d import intrinsics as intrinsics_lib
 from tfds_record3d import poses as poses_lib
+from tfds_record3d import validation
 from tfds_record3d.validation import Problem
 
 METADATA_NAME = "metadata"
@@ -364,10 +365,9 @@ def scan(manual_dir: epath.Path) -> tuple[list[R3dSequence], list[Problem]]:
   paths = sorted(p for p in manual_dir.iterdir() if p.suffix.lower() == ".r3d")
   if not paths:
     problems.append(Problem(str(manual_dir), "no .r3d files found"))
-  sequences = []
-  for path in paths:
+  def check(path, found):
     logging.info("Checking %s", path)
-    sequence = _scan_file(path, problems, source_prefix=path.relative_to(manual_dir).as_posix())
-    if sequence is not None:
-      sequences.append(sequence)
-  return sequences, problems
+    return _scan_file(path, found, source_prefix=path.relative_to(manual_dir).as_posix())
+
+  checked = validation.check_each(paths, check, "captures", problems)
+  return [sequence for sequence in checked if sequence is not None], problems

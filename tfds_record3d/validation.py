@@ -7,11 +7,21 @@ file instead of raising at the first one; the builder raises a single
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-from typing import Iterable
+import os
+from typing import Callable, Iterable, Sequence, TypeVar
 
+import tqdm
 from absl import app
 from etils import epath
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Captures checked at once: the check is mostly reading (slow and parallel on
+# gs://) and decoding in C (JPEG, PNG, LZFSE, zlib: the GIL is released).
+CHECK_WORKERS = min(32, (os.cpu_count() or 1) + 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,3 +76,20 @@ def check_manual_dir(manual_dir: epath.Path) -> list[Problem]:
     return [Problem(str(manual_dir), f"cannot read the manual folder "
                     f"({type(e).__name__}: {str(e).strip()[:300]}){hint}")]
   return []
+
+
+def check_each(items: Sequence[T], check: Callable[[T, list[Problem]], R], what: str,
+               problems: list[Problem], workers: int = CHECK_WORKERS) -> list[R]:
+  """`check(item, its_problems)` for every item (a capture, a sequence folder)
+  on `workers` threads, with a progress bar; returns the results and appends
+  the problems in the order of `items`, as a sequential loop would."""
+  found = [[] for _ in items]
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    futures = [pool.submit(check, item, mine) for item, mine in zip(items, found)]
+    for _ in tqdm.tqdm(concurrent.futures.as_completed(futures), total=len(futures),
+                       desc=f"checking {what}", unit=what, disable=len(futures) < 2):
+      pass
+    results = [future.result() for future in futures]  # re-raises a check's crash
+  for mine in found:
+    problems.extend(mine)
+  return results
