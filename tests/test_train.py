@@ -13,6 +13,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from trainer import config as config_lib
 from trainer import export as export_lib
 from trainer import stages
 from trainer import workdir
@@ -185,3 +186,12 @@ def test_tflite_export_of_the_chain_matches_the_saved_model(all_stages):
   assert lite.input_size == (32, 24)
   for image in images:
     np.testing.assert_allclose(lite.predict(image), saved.predict(image), atol=1e-3)
+
+
+def test_noexport_is_refused_where_exports_are_the_point(make_config, tmp_path):
+  config = make_config(tmp_path, export=False)
+  config_lib.validate(config)  # training without exports is fine
+  with pytest.raises(ValueError, match="--mode=export writes the exports: drop --noexport"):
+    config_lib.validate(dataclasses.replace(config, mode="export"))
+  with pytest.raises(ValueError, match="--tflite=int8 needs the exports: drop --noexport"):
+    config_lib.validate(dataclasses.replace(config, tflite=("int8",)))

@@ -28,5 +28,7 @@ def test_study_runs_its_recipes_and_writes_every_score(tiny_record3d, tmp_path):
       for stage in ("rough", "finetune"):
         metrics = run["scores"][split][stage]
         assert metrics["num_images"] > 0 and "abs_rel" in metrics["median_scaled"]
+  # The runs are scored from checkpoints: none of them wrote an export.
+  assert list(tmp_path.rglob("checkpoints")) and not list(tmp_path.rglob("export"))
   table = (tmp_path / "study.md").read_text()
   assert "| unet_transfer | finetune | 0 |" in table and "## test" in table

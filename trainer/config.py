@@ -84,6 +84,7 @@ class Config:
   tpu: Optional[str] = None
   mixed_precision: str = "auto"
   # Exports: the SavedModel always; TFLite files when asked.
+  export: bool = True  # SavedModel (and --tflite) exports when a run ends
   tflite: Tuple[str, ...] = ()
   tflite_input_size: Optional[Tuple[int, int]] = None  # None: --image_size
   tflite_calibration_examples: int = 200
@@ -117,7 +118,7 @@ RESUMABLE_FIELDS = frozenset({
     "checkpoint_every_steps", "keep_checkpoints", "eval_split", "num_eval_examples",
     "num_image_summaries", "strategy", "num_devices", "tpu", "mixed_precision",
     "num_predict_images", "config_mismatch", "rebuild_dataset", "eval_min_confidence",
-    "tflite", "tflite_input_size", "tflite_calibration_examples", "cache_dir",
+    "export", "tflite", "tflite_input_size", "tflite_calibration_examples", "cache_dir",
     # Only read when a stage starts from nothing: a resumed run ignores them.
     "init_from", "init_from_stages",
 })
@@ -259,6 +260,10 @@ def define_flags() -> None:
   f.DEFINE_string("tpu", default.tpu, "TPU name, or 'local' on a TPU VM.")
   f.DEFINE_enum("mixed_precision", default.mixed_precision, precision.CHOICES,
                 "auto: mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU.")
+  f.DEFINE_bool("export", default.export,
+                "Write each depth stage's SavedModel (and the --tflite files) when training "
+                "ends. --noexport keeps checkpoints and metrics only (the transfer study's "
+                "runs, scored from their checkpoints); refused with --mode=export or --tflite.")
   f.DEFINE_list("tflite", list(default.tflite),
                 "Also write <model_dir>/export/depth_<precision>.tflite for these precisions "
                 f"({', '.join(tflite_export.PRECISIONS)}): uint8 RGB in at "
@@ -302,6 +307,10 @@ def config_from_flags(values: flags.FlagValues, model_dir: str,
 
 def validate(config: Config) -> None:
   """Errors that name the flag, raised before any work is done."""
+  if config.mode == "export" and not config.export:
+    raise ValueError("--mode=export writes the exports: drop --noexport")
+  if config.tflite and not config.export:
+    raise ValueError(f"--tflite={','.join(config.tflite)} needs the exports: drop --noexport")
   positive = ("global_batch_size", "train_steps", "steps_per_loop", "log_every_steps",
               "checkpoint_every_steps", "keep_checkpoints")
   for name in positive:

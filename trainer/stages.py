@@ -59,11 +59,16 @@ def _run_stages(run: workdir.Run) -> dict:
     if results[stage].preempted:
       return results
   if config.mode != "eval" and run.is_chief:
-    export_stages(config, results, run.builder)
+    if config.export:
+      export_stages(config, results, run.builder)
+    else:
+      logging.info("--noexport: no SavedModel written; checkpoints and metrics are in %s",
+                   config.model_dir)
   if config.stage == ALL and config.mode == "train_and_eval" and run.is_chief:
     # The demo chain: metrics table + comparison figure, then predict as a user would.
     report.write_report(config, run.builder, {s: r.metrics for s, r in results.items()})
-    report.predict_test_images(config, run.builder, workdir.export_dir(config))
+    if config.export:
+      report.predict_test_images(config, run.builder, workdir.export_dir(config))
   return results
 
 

@@ -109,7 +109,9 @@ def base_config(f, model_dir: str, dataset: str, seed: int, steps: int, **overri
                 image_size=config_lib.parse_image_size(f.image_size),
                 global_batch_size=f.global_batch_size, train_steps=steps, seed=seed,
                 stage="all", mode="train", eval_min_confidence=f.eval_min_confidence,
-                num_predict_images=0, log_every_steps=100, checkpoint_every_steps=steps)
+                num_predict_images=0, log_every_steps=100, checkpoint_every_steps=steps,
+                # Scored from checkpoints (mode=eval): no SavedModel is ever read.
+                export=False)
   values.update(overrides)
   config = config_lib.Config(**values)
   config_lib.validate(config)
