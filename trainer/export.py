@@ -81,8 +81,8 @@ def export_saved_model(config: Config, stage: str, trained: keras.Model, export_
 
 def copy_export(source_dir: str, export_dir: str) -> str:
   """The SavedModel in `source_dir` (+ its depth2d.json), copied file by file to
-  `export_dir` (local or gs://): the same bytes as exporting the same network
-  again, without tracing it a second time."""
+  `export_dir` (local or gs://): the chain's export IS its stage's export,
+  and the network is not traced a second time."""
   if tf.io.gfile.exists(export_dir):
     tf.io.gfile.rmtree(export_dir)  # a stale export must not mix with the copy
   source_dir = source_dir.rstrip("/")
