@@ -376,10 +376,10 @@ def check_written_counts(config: str, planned, written: dict, beam: bool,
   """Every planned frame was written, once: else LostExamplesError naming the splits.
 
   Measured on this project's machine: Apache Beam's DirectRunner
-  (multi_processing, 1 or 2 workers) now and then drops examples of large
-  builds (560 and 705 of 4,160 train frames of 32 960x720 `.r3d` captures;
-  once, a whole shard of 240), while its own metrics counted them all. So
-  every build is counted. `writer`: TFDS' Beam writer counters
+  (multi_processing, 1 or 2 workers) drops examples of most large builds
+  (of 4,160 train frames of 32 960x720 `.r3d` captures: 560, 705, 240 (a
+  whole shard), 624 and 1,015 in 5 of 6 builds), while its own metrics counted
+  them all. So every build is counted. `writer`: TFDS' Beam writer counters
   (beam_build.writer_counters), said in the error to show where they went.
   """
   if not planned:
