@@ -227,3 +227,15 @@ def test_build_of_previous_version_still_loads(tmp_path):
     assert str(loaded.version) == "1.0.0" and "pose" not in loaded.info.features
     examples = list(tfds.as_numpy(loaded.as_dataset(split="train")))
     assert len(examples) == 3 and examples[0]["image"].shape == (40, 30, 3)
+
+
+def test_the_local_multi_processing_runner_is_recognised_for_its_warning():
+  from tfds_record3d import beam_build
+  config = lambda flags: tfds.download.DownloadConfig(beam_options=PipelineOptions(flags=flags))
+  assert beam_build.local_multi_processing(config(
+      ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]))
+  assert beam_build.local_multi_processing(config(["--direct_running_mode=multi_processing"]))
+  assert not beam_build.local_multi_processing(config(["--runner=DirectRunner"]))
+  assert not beam_build.local_multi_processing(config(
+      ["--runner=DataflowRunner", "--direct_running_mode=multi_processing"]))
+  assert not beam_build.local_multi_processing(tfds.download.DownloadConfig())

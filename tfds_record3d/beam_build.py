@@ -122,6 +122,17 @@ def writer_counters(pipeline_result) -> dict:
   return out
 
 
+def local_multi_processing(download_config) -> bool:
+  """Beam options asking for the local DirectRunner's multi_processing mode:
+  the mode that lost examples of large builds here (check_written_counts)."""
+  options = getattr(download_config, "beam_options", None)
+  if options is None:
+    return False
+  values = options.get_all_options()
+  return (values.get("direct_running_mode") == "multi_processing"
+          and values.get("runner") in (None, "DirectRunner", "direct"))
+
+
 def uses_beam(download_config) -> bool:
   """Did the user ask for a Beam build (options or a runner)?"""
   return bool(download_config is not None and
