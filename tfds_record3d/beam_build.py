@@ -108,18 +108,9 @@ WRITER_COUNTERS = {"serialized_examples": "serialized", "NumberOfShards": "shard
 
 
 def writer_counters(pipeline_result) -> dict:
-  """{serialized, shards_planned, shards_written} of a finished pipeline (the
-  DirectRunner only has attempted values, exact when no bundle was retried)."""
-  beam = tfds.core.lazy_imports.apache_beam
-  query = pipeline_result.metrics().query(
-      beam.metrics.metric.MetricsFilter().with_namespace("BeamWriter"))
-  out = {}
-  for result in query["counters"]:
-    name = WRITER_COUNTERS.get(result.key.metric.name)
-    if name:
-      value = result.committed if result.committed is not None else result.attempted
-      out[name] = out.get(name, 0) + int(value)
-  return out
+  """{serialized, shards_planned, shards_written} of a finished pipeline."""
+  totals = split_stats.counter_totals(split_stats.query_metrics(pipeline_result, "BeamWriter"))
+  return {ours: totals[theirs] for theirs, ours in WRITER_COUNTERS.items() if theirs in totals}
 
 
 def local_multi_processing(download_config) -> bool:

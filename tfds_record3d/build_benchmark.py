@@ -75,9 +75,9 @@ def beam_flags(mode: str):
 # The folder: real-size captures.
 # ----------------------------------------------------------------------------
 def write_captures(manual_dir: epath.Path, frames: int, captures: int, distinct: int,
-                   image_size, depth_size) -> int:
+                   image_size, depth_size) -> None:
   """Untimed: `captures` .r3d files holding `frames` frames in all (reused when
-  the folder already holds them). Returns the number of frames written."""
+  the folder already holds them)."""
   per_capture = [frames // captures + (i < frames % captures) for i in range(captures)]
   paths = [manual_dir / f"capture_{i:03d}.r3d" for i in range(captures)]
   marker = manual_dir / "frames.json"
@@ -85,7 +85,7 @@ def write_captures(manual_dir: epath.Path, frames: int, captures: int, distinct:
             "depth_size": list(depth_size)}
   if marker.exists() and json.loads(marker.read_text()) == wanted and all(p.exists() for p in paths):
     logging.info("Reusing the %d captures in %s", captures, manual_dir)
-    return frames
+    return
   if manual_dir.exists():
     shutil.rmtree(manual_dir)
   logging.info("Rendering %d distinct frames at %dx%d (depth %dx%d, HxW)", distinct,
@@ -99,7 +99,6 @@ def write_captures(manual_dir: epath.Path, frames: int, captures: int, distinct:
       writers.write_r3d(path, [rendered[i % distinct] for i in range(count)])
       bar.update(count)
   marker.write_text(json.dumps(wanted))
-  return frames
 
 
 # ----------------------------------------------------------------------------
@@ -257,8 +256,9 @@ def main(argv):
   workdir = epath.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="record3d_build_"))
   manual_dir = workdir / f"captures_{FLAGS.frames}_{FLAGS.captures}"
   started = time.perf_counter()
-  frames = write_captures(manual_dir, FLAGS.frames, FLAGS.captures, FLAGS.distinct_frames,
-                          image_size, depth_size)
+  frames = FLAGS.frames
+  write_captures(manual_dir, frames, FLAGS.captures, FLAGS.distinct_frames, image_size,
+                 depth_size)
   load_start = os.getloadavg()[0]
   result = {"machine": {"cpus": os.cpu_count(), "load_average_start": load_start},
             "frames": frames, "captures": FLAGS.captures, "image_size": list(image_size),

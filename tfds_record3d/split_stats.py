@@ -115,23 +115,39 @@ def record_metrics(split: str, stats: FrameStats) -> None:
   metrics.counter(METRICS_NAMESPACE, f"{split}/depth_size/{h}x{w}").inc()
 
 
+def metric_value(result):
+  """A metric's value: committed where the runner has them (Dataflow); the
+  DirectRunner only has attempted values, which are exact when no bundle was
+  retried."""
+  return result.committed if result.committed is not None else result.attempted
+
+
+def query_metrics(pipeline_result, namespace: str) -> dict:
+  """A finished pipeline's metrics of one namespace (`counters`, `distributions`)."""
+  beam = tfds.core.lazy_imports.apache_beam
+  return pipeline_result.metrics().query(
+      beam.metrics.metric.MetricsFilter().with_namespace(namespace))
+
+
+def counter_totals(query: dict) -> dict[str, int]:
+  """{counter name: total over every step that reported it}."""
+  counters: dict[str, int] = {}
+  for result in query["counters"]:
+    counters[result.key.metric.name] = (counters.get(result.key.metric.name, 0)
+                                        + int(metric_value(result)))
+  return counters
+
+
 def from_metrics(pipeline_result, split: str, sequences: int) -> dict:
   """The summary of `split` from a finished pipeline's metrics (on the launcher).
 
   `sequences` comes from the split plan (a set of names is no metric).
   """
-  beam = tfds.core.lazy_imports.apache_beam
-  query = pipeline_result.metrics().query(
-      beam.metrics.metric.MetricsFilter().with_namespace(METRICS_NAMESPACE))
-  counters: dict[str, int] = {}
-  for result in query["counters"]:
-    # Committed where the runner has them (Dataflow); the DirectRunner only
-    # has attempted values, which are exact when no bundle was retried.
-    value = result.committed if result.committed is not None else result.attempted
-    counters[result.key.metric.name] = counters.get(result.key.metric.name, 0) + int(value)
+  query = query_metrics(pipeline_result, METRICS_NAMESPACE)
+  counters = counter_totals(query)
   lows, highs = [], []
   for result in query["distributions"]:
-    value = result.committed if result.committed is not None else result.attempted
+    value = metric_value(result)
     if result.key.metric.name == f"{split}/depth_min_um" and value.count:
       lows.append(value.min)
     elif result.key.metric.name == f"{split}/depth_max_um" and value.count:

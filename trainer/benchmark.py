@@ -670,10 +670,12 @@ def format_report(result: dict) -> str:
                f"({r['points'][0]['train_files'] if r['points'] else r['png']['train_files']} "
                f"files), examples/s (first passes and PIL: medians of {r['png']['rounds']} "
                "alternating rounds; vs PIL: the median of the rounds' ratios):")
+    points = r["points"] + [r["png"]]
+    names = [f"{size_name(r['image_size'] if q['stored'] == 'jpeg' else r['png_image_size'])} "
+             f"{q['stored'].upper()} -> {size_name(q['image_size'])}" for q in points]
     rows = []
-    for q in r["points"] + [r["png"]]:
-      source = size_name(r["image_size"] if q["stored"] == "jpeg" else r["png_image_size"])
-      rows.append([f"{source} {q['stored'].upper()} -> {size_name(q['image_size'])}",
+    for name, q in zip(names, points):
+      rows.append([name,
                    _g(q["seed_loader_examples_per_s"]), _g(q["tfdata_first_pass_examples_per_s"]),
                    f"{q['ratio_first_pass']:.2f}x",
                    _g(q["tfdata_first_pass_examples_per_s_per_core"]),
@@ -686,9 +688,6 @@ def format_report(result: dict) -> str:
                        "first pass vs PIL", "first pass per core (/nproc)",
                        "first pass, 1 thread", "tf.data steady", "training consumes",
                        "first pass vs training"], rows))
-    points = r["points"] + [r["png"]]
-    names = [f"{size_name(r['image_size'] if q['stored'] == 'jpeg' else r['png_image_size'])} "
-             f"{q['stored'].upper()} -> {size_name(q['image_size'])}" for q in points]
     out.append("")
     out.append("CPU per example in the first pass (this process, every thread) against what "
                "3x the PIL loop allows with every core busy:")

@@ -398,9 +398,10 @@ def check_written_counts(config: str, planned, written: dict, beam: bool,
                         in sorted(wrong.items()))
     where = ""
     if writer:
-      lost_before = writer.get("serialized", 0) != sum(planned.values())
+      total = sum(planned.values())
+      lost_before = writer.get("serialized", 0) != total
       where = (f" TFDS' Beam writer serialized {writer.get('serialized', 0)} examples of "
-               f"{sum(planned.values())} and wrote {writer.get('shards_written', 0)} of "
+               f"{total} and wrote {writer.get('shards_written', 0)} of "
                f"{writer.get('shards_planned', 0)} shards: " + (
                    "examples went missing before they were serialized." if lost_before else
                    "every example was serialized and assigned a shard; they went missing "
