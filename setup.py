@@ -46,6 +46,7 @@ VIDEO = [
 
 TEST = CLOUD + LITERT + VIDEO + [
     "pytest>=8,<10",
+    "pytest-xdist>=3.5,<4",  # -n 2: the suite on both cores of a 2-core CI machine
     "dill>=0.3",  # tfds.testing imports it
     "gcp-storage-emulator>=2024.0",
 ]

@@ -105,10 +105,10 @@ def test_init_from_stages_limits_which_stages_start_from_the_other_run(rough_run
 # ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_mobilenet_v3_runs_every_stage_and_exports(make_config, tmp_path):
-  # mode=train (no eval, no report): the backbone's cost is its graph, traced per stage.
+  # mode=train (no eval, no report): the backbone's cost is its graph, traced per stage
+  # (once each: --freeze_encoder_steps, a second trace per stage, is the next test's).
   config = make_config(tmp_path, architecture="mobilenet_v3", encoder_weights="none",
-                       train_steps=2, freeze_encoder_steps=1, mode="train",
-                       encoder_learning_rate_multiplier=0.5)
+                       train_steps=2, mode="train", encoder_learning_rate_multiplier=0.5)
   results = stages.train_and_evaluate(config)
   assert [results[s].step for s in ("rough", "gradient", "finetune")] == [2, 2, 2]
   serving = tf.saved_model.load(workdir.export_dir(config)).signatures["serving_default"]
@@ -121,6 +121,24 @@ def test_mobilenet_v3_runs_every_stage_and_exports(make_config, tmp_path):
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(
       workdir.checkpoint_dir(config, "rough")))
   assert any(k.startswith("encoder_optimizer/") for k in reader.get_variable_to_shape_map())
+
+
+def _iterations(reader, optimizer: str) -> int:
+  return int(reader.get_tensor(f"{optimizer}/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+@pytest.mark.slow
+def test_freeze_encoder_steps_switches_inside_the_real_loop(make_config, tmp_path):
+  # Step 1 frozen, step 2 with the encoder, in ONE loop call (steps_per_loop=2): the
+  # loop must stop at the switch. The encoder's own optimizer (multiplier 0.5) counts
+  # the steps that updated the encoder.
+  config = make_config(tmp_path, architecture="mobilenet_v3", encoder_weights="none",
+                       stage="rough", train_steps=2, freeze_encoder_steps=1, mode="train",
+                       encoder_learning_rate_multiplier=0.5, export=False)
+  assert stages.train_and_evaluate(config)["rough"].step == 2
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(
+      workdir.checkpoint_dir(config, "rough")))
+  assert (_iterations(reader, "optimizer"), _iterations(reader, "encoder_optimizer")) == (2, 1)
 
 
 def test_frozen_train_loop_leaves_the_encoder_alone(make_config, tmp_path):
