@@ -1,0 +1,46 @@
+"""The Beam loss check builds a dataset with no depth2d code and counts it."""
+
+from absl import app
+from absl import flags
+import pytest
+
+from tfds_record3d import beam_loss_repro
+
+
+def test_splits_hold_every_example_once():
+  ranges = beam_loss_repro.split_ranges(5120)
+  assert {name: len(r) for name, r in ranges.items()} == {"train": 4160, "validation": 480,
+                                                           "test": 480}
+  indices = [i for r in ranges.values() for i in r]
+  assert sorted(indices) == list(range(5120))
+  assert sum(len(r) for r in beam_loss_repro.split_ranges(41).values()) == 41
+
+
+def test_lost_per_split():
+  expected = {"train": 10, "validation": 2, "test": 2}
+  assert beam_loss_repro.lost_per_split(expected, dict(expected)) == {}
+  assert beam_loss_repro.lost_per_split(expected, {"train": 7, "validation": 2}) == {
+      "train": 3, "test": 2}
+
+
+def test_a_small_build_writes_every_example(tmp_path):
+  # The in-memory DirectRunner (workers=0): the real TFDS Beam build, fast.
+  result = beam_loss_repro.run_once(str(tmp_path / "build"), 24, 64, workers=0)
+  assert result["written"] == result["expected"] == {"train": 19, "validation": 2, "test": 3}
+  assert result["lost"] == {}
+
+
+def test_exit_status_says_whether_a_run_lost_examples(tmp_path, monkeypatch):
+  values = beam_loss_repro.define_flags(flags.FlagValues())  # apart from the trainer's flags
+  values(["beam_loss_repro", "--runs=2", f"--data_dir={tmp_path}"])
+  outcomes = iter([{}, {"train": 5}])
+  monkeypatch.setattr(beam_loss_repro, "run_once", lambda *a: {
+      "expected": {"train": 10}, "written": {"train": 10}, "lost": next(outcomes),
+      "seconds": 1.0})
+  assert beam_loss_repro.main(["beam_loss_repro"], values) == 1
+  values.runs = 1
+  outcomes = iter([{}])
+  assert beam_loss_repro.main(["beam_loss_repro"], values) == 0
+  values.examples = 2
+  with pytest.raises(app.UsageError, match="--examples=2: must be at least 3"):
+    beam_loss_repro.main(["beam_loss_repro"], values)

@@ -1,0 +1,170 @@
+"""Does the local Beam runner lose examples? A TFDS Beam build with no depth2d code.
+
+    python -m tfds_record3d.beam_loss_repro --examples=5120 --example_bytes=300000 \
+        --workers=1 --runs=2 --data_dir=/tmp/beam_loss
+
+Large `record3d` builds with the local DirectRunner in multi_processing mode
+wrote fewer train examples than they were given here (README, "Beam builds";
+the builder stops with LostExamplesError). This script builds a minimal TFDS
+dataset the same way, with nothing of this project in it: `--examples` random
+byte strings of `--example_bytes` each, split 81.25 / 9.375 / 9.375% like the
+5,120-frame build, one Beam element per example, TFDS' own BeamWriter. After
+each run it compares what TFDS recorded per split with what it was given. So
+the loss can be reproduced (and reported upstream: Apache Beam / TFDS) apart
+from the record3d builder, and a user can try their own runner set-up before a
+big build.
+
+`--workers=N` (N >= 1): `--runner=DirectRunner --direct_num_workers=N
+--direct_running_mode=multi_processing`; `--workers=0`: the in-memory
+DirectRunner. Exit status 1 when any run lost examples, 0 when none did (a
+run without loss proves nothing about the next one: the loss is intermittent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+
+# Fractions of the examples per split, as in the 5,120-frame record3d build
+# (4,160 / 480 / 480).
+SPLITS = (("train", 0.8125), ("validation", 0.09375), ("test", 0.09375))
+
+
+@dataclasses.dataclass
+class ReproConfig(tfds.core.BuilderConfig):
+  examples: int = 5120
+  example_bytes: int = 300_000
+
+
+def split_ranges(examples: int) -> dict:
+  """{split: range of example indices}; every index in exactly one split."""
+  out, start = {}, 0
+  for index, (name, fraction) in enumerate(SPLITS):
+    stop = examples if index == len(SPLITS) - 1 else start + int(examples * fraction)
+    out[name] = range(start, stop)
+    start = stop
+  return out
+
+
+def make_example(index: int, size: int):
+  """(key, example): `size` random bytes, seeded by the index (no state)."""
+  return f"{index:08d}", {"data": np.random.default_rng(index).bytes(size), "index": index}
+
+
+class BeamLossRepro(tfds.core.GeneratorBasedBuilder):
+  """Random bytes, one Beam element per example (the shape of a record3d frame)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Random bytes for the Beam loss check."}
+  BUILDER_CONFIGS = [ReproConfig(name="default")]
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # Run as `python -m`, the class lives in __main__, which TFDS cannot read as
+    # a package: point it at this file.
+    return epath.Path(os.path.abspath(__file__))
+
+  def _info(self):
+    # DatasetInfo directly: dataset_info_from_configs reads a package folder,
+    # which a builder run as `python -m` (in __main__) does not have.
+    return tfds.core.DatasetInfo(builder=self, description=__doc__.splitlines()[0],
+                                 features=tfds.features.FeaturesDict({
+                                     "data": tfds.features.Tensor(shape=(), dtype=np.object_),
+                                     "index": np.int64}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    beam = tfds.core.lazy_imports.apache_beam
+    size = self.builder_config.example_bytes
+    # Reshuffle spreads the indices over the workers, as a folder of captures is.
+    return {name: (beam.Create(list(indices)) | f"Spread_{name}" >> beam.Reshuffle()
+                   | f"Make_{name}" >> beam.Map(make_example, size=size))
+            for name, indices in split_ranges(self.builder_config.examples).items()}
+
+  def _generate_examples(self):
+    raise NotImplementedError  # _split_generators returns Beam PCollections
+
+
+def lost_per_split(expected: dict, written: dict) -> dict:
+  """{split: examples given minus examples TFDS recorded}, only where > 0."""
+  return {name: count - written.get(name, 0) for name, count in expected.items()
+          if count > written.get(name, 0)}
+
+
+def beam_flags(workers: int) -> list:
+  if workers == 0:
+    return ["--runner=DirectRunner"]
+  return ["--runner=DirectRunner", f"--direct_num_workers={workers}",
+          "--direct_running_mode=multi_processing"]
+
+
+def run_once(data_dir: str, examples: int, example_bytes: int, workers: int) -> dict:
+  """One build into a fresh `data_dir`: {"written", "expected", "lost", "seconds"}."""
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(data_dir, ignore_errors=True)
+  config = ReproConfig(name=f"n{examples}_b{example_bytes}", examples=examples,
+                       example_bytes=example_bytes)
+  builder = BeamLossRepro(config=config, data_dir=data_dir)
+  start = time.perf_counter()
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      beam_options=PipelineOptions(flags=beam_flags(workers))))
+  seconds = time.perf_counter() - start
+  expected = {name: len(r) for name, r in split_ranges(examples).items()}
+  written = {name: split.num_examples for name, split in builder.info.splits.items()}
+  return {"expected": expected, "written": written, "lost": lost_per_split(expected, written),
+          "seconds": seconds}
+
+
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
+  """Declared on `values` only when run as the program: the trainer has a
+  --data_dir of its own, and tests import both."""
+  v = {"flag_values": values}
+  flags.DEFINE_integer("examples", 5120, "Examples in all (at least 3: one per split).", **v)
+  flags.DEFINE_integer("example_bytes", 300_000,
+                       "Bytes per example (a 960x720 JPEG frame with its depth: ~300 KB).", **v)
+  flags.DEFINE_integer("workers", 1, "DirectRunner worker processes (multi_processing); "
+                       "0: the in-memory DirectRunner.", **v)
+  flags.DEFINE_integer("runs", 2, "Builds, each into a fresh folder (the loss is intermittent).",
+                       **v)
+  flags.DEFINE_string("data_dir", None, "Where the builds go (default: a new temp dir); "
+                      "each run replaces the last.", **v)
+  return values
+
+
+def main(argv, values: flags.FlagValues = flags.FLAGS) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  for name, low in (("examples", len(SPLITS)), ("example_bytes", 1), ("workers", 0),
+                    ("runs", 1)):
+    if getattr(values, name) < low:
+      raise app.UsageError(f"--{name}={getattr(values, name)}: must be at least {low}")
+  data_dir = values.data_dir or tempfile.mkdtemp(prefix="beam_loss_repro_")
+  any_lost = False
+  for run in range(1, values.runs + 1):
+    logging.info("run %d/%d: %d examples of %d bytes, %s", run, values.runs, values.examples,
+                 values.example_bytes, " ".join(beam_flags(values.workers)))
+    result = run_once(os.path.join(data_dir, "build"), values.examples, values.example_bytes,
+                      values.workers)
+    lost = result["lost"]
+    any_lost |= bool(lost)
+    print(f"run {run}/{values.runs}: written {result['written']} of {result['expected']} in "
+          f"{result['seconds']:.0f} s: "
+          + (f"LOST {lost} (TFDS raised no error)" if lost else "nothing lost"), flush=True)
+  return 1 if any_lost else 0
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))
