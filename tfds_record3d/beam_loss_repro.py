@@ -34,7 +34,6 @@ import tensorflow_datasets as tfds
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 
 # Fractions of the examples per split, as in the 5,120-frame record3d build
 # (4,160 / 480 / 480).
@@ -68,13 +67,6 @@ class BeamLossRepro(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Random bytes for the Beam loss check."}
   BUILDER_CONFIGS = [ReproConfig(name="default")]
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    # Run as `python -m`, the class lives in __main__, which TFDS cannot read as
-    # a package: point it at this file.
-    return epath.Path(os.path.abspath(__file__))
 
   def _info(self):
     # DatasetInfo directly: dataset_info_from_configs reads a package folder,
