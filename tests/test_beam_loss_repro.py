@@ -1,5 +1,7 @@
 """The Beam loss check builds a dataset with no depth2d code and counts it."""
 
+import time
+
 from absl import app
 from absl import flags
 import pytest
@@ -44,3 +46,12 @@ def test_exit_status_says_whether_a_run_lost_examples(tmp_path, monkeypatch):
   values.examples = 2
   with pytest.raises(app.UsageError, match="--examples=2: must be at least 3"):
     beam_loss_repro.main(["beam_loss_repro"], values)
+
+
+def test_busy_ms_costs_cpu_and_leaves_the_example_alone():
+  start = time.process_time()
+  busy = beam_loss_repro.make_example(3, 16, busy_ms=20)
+  assert time.process_time() - start >= 0.02
+  key, example = beam_loss_repro.make_example(3, 16)
+  assert busy[0] == key == "00000003" and busy[1]["data"] == example["data"]
+  assert len(example["data"]) == 16 and example["index"] == 3

@@ -44,6 +44,7 @@ SPLITS = (("train", 0.8125), ("validation", 0.09375), ("test", 0.09375))
 class ReproConfig(tfds.core.BuilderConfig):
   examples: int = 5120
   example_bytes: int = 300_000
+  busy_ms: float = 0.0
 
 
 def split_ranges(examples: int) -> dict:
@@ -56,8 +57,12 @@ def split_ranges(examples: int) -> dict:
   return out
 
 
-def make_example(index: int, size: int):
-  """(key, example): `size` random bytes, seeded by the index (no state)."""
+def make_example(index: int, size: int, busy_ms: float = 0.0):
+  """(key, example): `size` random bytes, seeded by the index (no state), after
+  `busy_ms` of CPU time spent in a loop (a record3d frame's read and encode)."""
+  end = time.process_time() + busy_ms / 1000.0
+  while time.process_time() < end:
+    pass
   return f"{index:08d}", {"data": np.random.default_rng(index).bytes(size), "index": index}
 
 
@@ -79,10 +84,10 @@ class BeamLossRepro(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     beam = tfds.core.lazy_imports.apache_beam
-    size = self.builder_config.example_bytes
+    size, busy_ms = self.builder_config.example_bytes, self.builder_config.busy_ms
     # Reshuffle spreads the indices over the workers, as a folder of captures is.
     return {name: (beam.Create(list(indices)) | f"Spread_{name}" >> beam.Reshuffle()
-                   | f"Make_{name}" >> beam.Map(make_example, size=size))
+                   | f"Make_{name}" >> beam.Map(make_example, size=size, busy_ms=busy_ms))
             for name, indices in split_ranges(self.builder_config.examples).items()}
 
   def _generate_examples(self):
@@ -102,12 +107,13 @@ def beam_flags(workers: int) -> list:
           "--direct_running_mode=multi_processing"]
 
 
-def run_once(data_dir: str, examples: int, example_bytes: int, workers: int) -> dict:
+def run_once(data_dir: str, examples: int, example_bytes: int, workers: int,
+             busy_ms: float = 0.0) -> dict:
   """One build into a fresh `data_dir`: {"written", "expected", "lost", "seconds"}."""
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   shutil.rmtree(data_dir, ignore_errors=True)
   config = ReproConfig(name=f"n{examples}_b{example_bytes}", examples=examples,
-                       example_bytes=example_bytes)
+                       example_bytes=example_bytes, busy_ms=busy_ms)
   builder = BeamLossRepro(config=config, data_dir=data_dir)
   start = time.perf_counter()
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -128,6 +134,8 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
                        "Bytes per example (a 960x720 JPEG frame with its depth: ~300 KB).", **v)
   flags.DEFINE_integer("workers", 1, "DirectRunner worker processes (multi_processing); "
                        "0: the in-memory DirectRunner.", **v)
+  flags.DEFINE_float("busy_ms", 0.0, "CPU time each example costs its worker before it is "
+                     "returned (a record3d frame: ~35 ms to read and encode).", **v)
   flags.DEFINE_integer("runs", 2, "Builds, each into a fresh folder (the loss is intermittent).",
                        **v)
   flags.DEFINE_string("data_dir", None, "Where the builds go (default: a new temp dir); "
@@ -139,16 +147,17 @@ def main(argv, values: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   for name, low in (("examples", len(SPLITS)), ("example_bytes", 1), ("workers", 0),
-                    ("runs", 1)):
+                    ("runs", 1), ("busy_ms", 0)):
     if getattr(values, name) < low:
       raise app.UsageError(f"--{name}={getattr(values, name)}: must be at least {low}")
   data_dir = values.data_dir or tempfile.mkdtemp(prefix="beam_loss_repro_")
   any_lost = False
   for run in range(1, values.runs + 1):
-    logging.info("run %d/%d: %d examples of %d bytes, %s", run, values.runs, values.examples,
-                 values.example_bytes, " ".join(beam_flags(values.workers)))
+    logging.info("run %d/%d: %d examples of %d bytes, %g ms CPU each, %s", run, values.runs,
+                 values.examples, values.example_bytes, values.busy_ms,
+                 " ".join(beam_flags(values.workers)))
     result = run_once(os.path.join(data_dir, "build"), values.examples, values.example_bytes,
-                      values.workers)
+                      values.workers, values.busy_ms)
     lost = result["lost"]
     any_lost |= bool(lost)
     print(f"run {run}/{values.runs}: written {result['written']} of {result['expected']} in "
