@@ -27,9 +27,11 @@ def test_lost_per_split():
 
 def test_a_small_build_writes_every_example(tmp_path):
   # The in-memory DirectRunner (workers=0): the real TFDS Beam build, fast.
-  result = beam_loss_repro.run_once(str(tmp_path / "build"), 24, 64, workers=0)
-  assert result["written"] == result["expected"] == {"train": 19, "validation": 2, "test": 3}
-  assert result["lost"] == {}
+  for per_capture in (5, 0):  # captures of 5 examples listed by a FlatMap; one per element
+    result = beam_loss_repro.run_once(str(tmp_path / "build"), 24, 64, workers=0,
+                                      frames_per_capture=per_capture)
+    assert result["written"] == result["expected"] == {"train": 19, "validation": 2, "test": 3}
+    assert result["lost"] == {}
 
 
 def test_exit_status_says_whether_a_run_lost_examples(tmp_path, monkeypatch):
@@ -55,3 +57,11 @@ def test_busy_ms_costs_cpu_and_leaves_the_example_alone():
   key, example = beam_loss_repro.make_example(3, 16)
   assert busy[0] == key == "00000003" and busy[1]["data"] == example["data"]
   assert len(example["data"]) == 16 and example["index"] == 3
+
+
+def test_captures_list_every_example_once():
+  # record3d's shape: a capture per element, a FlatMap to its frames.
+  for indices in (range(0, 4160), range(4160, 4640), range(7, 8), range(3, 400)):
+    starts = beam_loss_repro.capture_starts(indices, 160)
+    frames = [i for s in starts for i in beam_loss_repro.capture_frames(s, indices.stop, 160)]
+    assert frames == list(indices)

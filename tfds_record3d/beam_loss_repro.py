@@ -8,8 +8,10 @@ wrote fewer train examples than they were given here (README, "Beam builds";
 the builder stops with LostExamplesError). This script builds a minimal TFDS
 dataset the same way, with nothing of this project in it: `--examples` random
 byte strings of `--example_bytes` each, split 81.25 / 9.375 / 9.375% like the
-5,120-frame build, one Beam element per example, TFDS' own BeamWriter. After
-each run it compares what TFDS recorded per split with what it was given. So
+5,120-frame build, in record3d's shape (`--frames_per_capture` examples per
+element, listed by a FlatMap, reshuffled, then made one by one; 0: one
+element per example from the start), TFDS' own BeamWriter. After each run it
+compares what TFDS recorded per split with what it was given. So
 the loss can be reproduced (and reported upstream: Apache Beam / TFDS) apart
 from the record3d builder, and a user can try their own runner set-up before a
 big build.
@@ -45,6 +47,7 @@ class ReproConfig(tfds.core.BuilderConfig):
   examples: int = 5120
   example_bytes: int = 300_000
   busy_ms: float = 0.0
+  frames_per_capture: int = 160
 
 
 def split_ranges(examples: int) -> dict:
@@ -55,6 +58,16 @@ def split_ranges(examples: int) -> dict:
     out[name] = range(start, stop)
     start = stop
   return out
+
+
+def capture_starts(indices: range, per_capture: int) -> list:
+  """The first example index of each "capture" of `per_capture` examples."""
+  return list(range(indices.start, indices.stop, per_capture))
+
+
+def capture_frames(start: int, stop: int, per_capture: int) -> range:
+  """One capture's example indices: from `start`, at most `per_capture`, before `stop`."""
+  return range(start, min(start + per_capture, stop))
 
 
 def make_example(index: int, size: int, busy_ms: float = 0.0):
@@ -84,11 +97,20 @@ class BeamLossRepro(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     beam = tfds.core.lazy_imports.apache_beam
-    size, busy_ms = self.builder_config.example_bytes, self.builder_config.busy_ms
-    # Reshuffle spreads the indices over the workers, as a folder of captures is.
-    return {name: (beam.Create(list(indices)) | f"Spread_{name}" >> beam.Reshuffle()
+    config = self.builder_config
+    size, busy_ms, per_capture = config.example_bytes, config.busy_ms, config.frames_per_capture
+    out = {}
+    for name, indices in split_ranges(config.examples).items():
+      if per_capture:  # record3d's shape: a capture per element, listed into its frames
+        elements = (beam.Create(capture_starts(indices, per_capture))
+                    | f"Frames_{name}" >> beam.FlatMap(capture_frames, stop=indices.stop,
+                                                       per_capture=per_capture))
+      else:
+        elements = beam.Create(list(indices))
+      # Reshuffle spreads the frames over the workers (beam_build does the same).
+      out[name] = (elements | f"Spread_{name}" >> beam.Reshuffle()
                    | f"Make_{name}" >> beam.Map(make_example, size=size, busy_ms=busy_ms))
-            for name, indices in split_ranges(self.builder_config.examples).items()}
+    return out
 
   def _generate_examples(self):
     raise NotImplementedError  # _split_generators returns Beam PCollections
@@ -108,12 +130,13 @@ def beam_flags(workers: int) -> list:
 
 
 def run_once(data_dir: str, examples: int, example_bytes: int, workers: int,
-             busy_ms: float = 0.0) -> dict:
+             busy_ms: float = 0.0, frames_per_capture: int = 160) -> dict:
   """One build into a fresh `data_dir`: {"written", "expected", "lost", "seconds"}."""
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   shutil.rmtree(data_dir, ignore_errors=True)
   config = ReproConfig(name=f"n{examples}_b{example_bytes}", examples=examples,
-                       example_bytes=example_bytes, busy_ms=busy_ms)
+                       example_bytes=example_bytes, busy_ms=busy_ms,
+                       frames_per_capture=frames_per_capture)
   builder = BeamLossRepro(config=config, data_dir=data_dir)
   start = time.perf_counter()
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -136,6 +159,10 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
                        "0: the in-memory DirectRunner.", **v)
   flags.DEFINE_float("busy_ms", 0.0, "CPU time each example costs its worker before it is "
                      "returned (a record3d frame: ~35 ms to read and encode).", **v)
+  flags.DEFINE_integer("frames_per_capture", 160,
+                       "Examples per Beam element before a FlatMap lists them, as record3d's "
+                       "captures are (its 5,120-frame builds: 32 x 160); 0: one element per "
+                       "example from the start.", **v)
   flags.DEFINE_integer("runs", 2, "Builds, each into a fresh folder (the loss is intermittent).",
                        **v)
   flags.DEFINE_string("data_dir", None, "Where the builds go (default: a new temp dir); "
@@ -147,17 +174,18 @@ def main(argv, values: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   for name, low in (("examples", len(SPLITS)), ("example_bytes", 1), ("workers", 0),
-                    ("runs", 1), ("busy_ms", 0)):
+                    ("runs", 1), ("busy_ms", 0), ("frames_per_capture", 0)):
     if getattr(values, name) < low:
       raise app.UsageError(f"--{name}={getattr(values, name)}: must be at least {low}")
   data_dir = values.data_dir or tempfile.mkdtemp(prefix="beam_loss_repro_")
   any_lost = False
   for run in range(1, values.runs + 1):
-    logging.info("run %d/%d: %d examples of %d bytes, %g ms CPU each, %s", run, values.runs,
-                 values.examples, values.example_bytes, values.busy_ms,
+    logging.info("run %d/%d: %d examples of %d bytes, %g ms CPU each, %d per capture, %s",
+                 run, values.runs, values.examples, values.example_bytes, values.busy_ms,
+                 values.frames_per_capture,
                  " ".join(beam_flags(values.workers)))
     result = run_once(os.path.join(data_dir, "build"), values.examples, values.example_bytes,
-                      values.workers, values.busy_ms)
+                      values.workers, values.busy_ms, values.frames_per_capture)
     lost = result["lost"]
     any_lost |= bool(lost)
     print(f"run {run}/{values.runs}: written {result['written']} of {result['expected']} in "
