@@ -28,8 +28,8 @@ def test_lost_per_split():
 def test_a_small_build_writes_every_example(tmp_path):
   # The in-memory DirectRunner (workers=0): the real TFDS Beam build, fast.
   for per_capture in (5, 0):  # captures of 5 examples listed by a FlatMap; one per element
-    result = beam_loss_repro.run_once(str(tmp_path / "build"), 24, 64, workers=0,
-                                      frames_per_capture=per_capture)
+    result = beam_loss_repro.run_once(str(tmp_path / "build"), workers=0, examples=24,
+                                      example_bytes=64, frames_per_capture=per_capture)
     assert result["written"] == result["expected"] == {"train": 19, "validation": 2, "test": 3}
     assert result["lost"] == {}
 
@@ -38,7 +38,7 @@ def test_exit_status_says_whether_a_run_lost_examples(tmp_path, monkeypatch):
   values = beam_loss_repro.define_flags(flags.FlagValues())  # apart from the trainer's flags
   values(["beam_loss_repro", "--runs=2", f"--data_dir={tmp_path}"])
   outcomes = iter([{}, {"train": 5}])
-  monkeypatch.setattr(beam_loss_repro, "run_once", lambda *a: {
+  monkeypatch.setattr(beam_loss_repro, "run_once", lambda *a, **k: {
       "expected": {"train": 10}, "written": {"train": 10}, "lost": next(outcomes),
       "seconds": 1.0})
   assert beam_loss_repro.main(["beam_loss_repro"], values) == 1

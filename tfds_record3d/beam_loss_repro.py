@@ -44,10 +44,14 @@ SPLITS = (("train", 0.8125), ("validation", 0.09375), ("test", 0.09375))
 
 @dataclasses.dataclass
 class ReproConfig(tfds.core.BuilderConfig):
+  """The build's settings (the flags' defaults are these)."""
   examples: int = 5120
   example_bytes: int = 300_000
   busy_ms: float = 0.0
-  frames_per_capture: int = 160
+  frames_per_capture: int = 160  # record3d's 5,120-frame builds: 32 captures x 160
+
+
+DEFAULTS = ReproConfig(name="default")
 
 
 def split_ranges(examples: int) -> dict:
@@ -80,11 +84,11 @@ def make_example(index: int, size: int, busy_ms: float = 0.0):
 
 
 class BeamLossRepro(tfds.core.GeneratorBasedBuilder):
-  """Random bytes, one Beam element per example (the shape of a record3d frame)."""
+  """Random bytes of a record3d frame's size, in the record3d Beam build's shape."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Random bytes for the Beam loss check."}
-  BUILDER_CONFIGS = [ReproConfig(name="default")]
+  BUILDER_CONFIGS = [DEFAULTS]
 
   def _info(self):
     # DatasetInfo directly: dataset_info_from_configs reads a package folder,
@@ -123,26 +127,26 @@ def lost_per_split(expected: dict, written: dict) -> dict:
 
 
 def beam_flags(workers: int) -> list:
+  """The DirectRunner's flags: build_benchmark's beam_memory (0) / beam_N, written
+  here again so that this file stands alone in a report upstream."""
   if workers == 0:
     return ["--runner=DirectRunner"]
   return ["--runner=DirectRunner", f"--direct_num_workers={workers}",
           "--direct_running_mode=multi_processing"]
 
 
-def run_once(data_dir: str, examples: int, example_bytes: int, workers: int,
-             busy_ms: float = 0.0, frames_per_capture: int = 160) -> dict:
-  """One build into a fresh `data_dir`: {"written", "expected", "lost", "seconds"}."""
+def run_once(data_dir: str, workers: int, **settings) -> dict:
+  """One build into a fresh `data_dir`, `settings` overriding ReproConfig's
+  defaults: {"written", "expected", "lost", "seconds"}."""
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   shutil.rmtree(data_dir, ignore_errors=True)
-  config = ReproConfig(name=f"n{examples}_b{example_bytes}", examples=examples,
-                       example_bytes=example_bytes, busy_ms=busy_ms,
-                       frames_per_capture=frames_per_capture)
+  config = dataclasses.replace(DEFAULTS, name="build", **settings)
   builder = BeamLossRepro(config=config, data_dir=data_dir)
   start = time.perf_counter()
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       beam_options=PipelineOptions(flags=beam_flags(workers))))
   seconds = time.perf_counter() - start
-  expected = {name: len(r) for name, r in split_ranges(examples).items()}
+  expected = {name: len(r) for name, r in split_ranges(config.examples).items()}
   written = {name: split.num_examples for name, split in builder.info.splits.items()}
   return {"expected": expected, "written": written, "lost": lost_per_split(expected, written),
           "seconds": seconds}
@@ -152,14 +156,15 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
   """Declared on `values` only when run as the program: the trainer has a
   --data_dir of its own, and tests import both."""
   v = {"flag_values": values}
-  flags.DEFINE_integer("examples", 5120, "Examples in all (at least 3: one per split).", **v)
-  flags.DEFINE_integer("example_bytes", 300_000,
+  flags.DEFINE_integer("examples", DEFAULTS.examples,
+                       "Examples in all (at least 3: one per split).", **v)
+  flags.DEFINE_integer("example_bytes", DEFAULTS.example_bytes,
                        "Bytes per example (a 960x720 JPEG frame with its depth: ~300 KB).", **v)
   flags.DEFINE_integer("workers", 1, "DirectRunner worker processes (multi_processing); "
                        "0: the in-memory DirectRunner.", **v)
-  flags.DEFINE_float("busy_ms", 0.0, "CPU time each example costs its worker before it is "
+  flags.DEFINE_float("busy_ms", DEFAULTS.busy_ms, "CPU time each example costs its worker before it is "
                      "returned (a record3d frame: ~35 ms to read and encode).", **v)
-  flags.DEFINE_integer("frames_per_capture", 160,
+  flags.DEFINE_integer("frames_per_capture", DEFAULTS.frames_per_capture,
                        "Examples per Beam element before a FlatMap lists them, as record3d's "
                        "captures are (its 5,120-frame builds: 32 x 160); 0: one element per "
                        "example from the start.", **v)
@@ -184,8 +189,9 @@ def main(argv, values: flags.FlagValues = flags.FLAGS) -> int:
                  run, values.runs, values.examples, values.example_bytes, values.busy_ms,
                  values.frames_per_capture,
                  " ".join(beam_flags(values.workers)))
-    result = run_once(os.path.join(data_dir, "build"), values.examples, values.example_bytes,
-                      values.workers, values.busy_ms, values.frames_per_capture)
+    result = run_once(os.path.join(data_dir, "build"), values.workers,
+                      examples=values.examples, example_bytes=values.example_bytes,
+                      busy_ms=values.busy_ms, frames_per_capture=values.frames_per_capture)
     lost = result["lost"]
     any_lost |= bool(lost)
     print(f"run {run}/{values.runs}: written {result['written']} of {result['expected']} in "
