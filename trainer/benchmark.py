@@ -31,7 +31,7 @@ printed for context only. What is measured:
    `tfds_record3d.synthetic` at 960x720 with 256x192 depth, written as a
    `pairs` folder of JPEGs (stored unchanged by the builder) and built with
    TFDS; for each --real_train_sizes (192x144, 256x192): the tf.data first
-   pass (JPEG decoded at reduced scale, input_pipeline.decode_image) on all
+   pass (JPEG decoded at reduced scale, input_pipeline.image_input) on all
    cores and on one thread, its steady state, the seed-style PIL loader on the
    SAME train-split files, and the default architecture's training
    consumption at that size. The same frames stored as 320x240 PNG give the
@@ -71,7 +71,6 @@ from trainer import evaluate
 from trainer import input_pipeline
 from trainer import models
 from trainer import precision
-from trainer import preprocessing
 from trainer import progress as progress_lib
 from trainer import train
 from trainer import workdir as workdir_lib
@@ -129,9 +128,11 @@ flags.DEFINE_integer("accuracy_budget_seconds", 0,
 flags.DEFINE_string("accuracy_image_size", "64,48", "H,W of the equal-budget accuracy runs.")
 flags.DEFINE_list("accuracy_architectures", None,
                   "Architectures of the equal-budget accuracy runs (default: --architectures).")
-flags.DEFINE_integer("real_size_frames", 160,
+flags.DEFINE_integer("real_size_frames", 600,
                      "Frames rendered for the real-size part (2 sequences; 80% of them are "
-                     "the train split that is timed); 0 skips that part.")
+                     "the train split that is timed: 480 by default, a first pass of a few "
+                     "seconds, so the iterator's start-up weighs little; ~1 s a frame to "
+                     "render and build, once per --workdir); 0 skips that part.")
 flags.DEFINE_string("real_image_size", "960,720",
                     "H,W of the real-size part's JPEG RGB (Record3D's portrait 960x720), "
                     "rendered at this size by tfds_record3d.synthetic.")
@@ -328,6 +329,10 @@ def first_pass_breakdown(config: Config, builder, repeats: int) -> list:
     return read().map(lambda ex: input_pipeline.decode_image(
         ex["image"], config.image_size, reduced=config.jpeg_reduced_decode))
 
+  def resized_image():
+    return read().map(lambda ex: input_pipeline.image_input(
+        ex["image"], config.image_size, reduced=config.jpeg_reduced_decode))
+
   def resized():
     return read().map(lambda ex: input_pipeline.resize_example(ex, config,
                                                                config.min_confidence))
@@ -339,9 +344,7 @@ def first_pass_breakdown(config: Config, builder, repeats: int) -> list:
   cuts = [  # (stage, dataset, examples per element)
       ("TFDS read + parse (image bytes, depth, confidence)", read, 1),
       ("+ image decode (decode_image)", decoded, 1),
-      ("+ network_input (antialiased resize, [0, 1])",
-       lambda: decoded().map(lambda image: preprocessing.network_input(image, config.image_size)),
-       1),
+      ("+ resize to the training size, [0, 1] (image_input)", resized_image, 1),
       ("+ depth valid-average resize (= resize_example)", resized, 1),
       ("+ memory cache, augmentation, mask", augmented, 1),
       ("+ batch, Sobel target per batch",
@@ -472,10 +475,15 @@ def build_real_size_datasets(workdir: str, frames: int, image_size, depth_size, 
   if all(b.is_prepared() for b, _ in out.values()):
     return out
   per_sequence = [frames // 2, frames - frames // 2]
+  progress = progress_lib.Progress(f"rendering {size_name(image_size)} frames", frames,
+                                   unit="frames")
   for index, count in enumerate(per_sequence):
-    examples = list(synthetic.render_sequence(seed=500 + index, num_frames=count,
-                                              image_size=tuple(image_size),
-                                              depth_size=tuple(depth_size)))
+    examples = []
+    for example in synthetic.render_sequence(seed=500 + index, num_frames=count,
+                                             image_size=tuple(image_size),
+                                             depth_size=tuple(depth_size)):
+      examples.append(example)
+      progress.update(add=1)
     writers.write_pairs_sequence(os.path.join(root, "manual_jpeg", f"seq_{index}"), examples)
     small = [dict(e, image=np.asarray(Image.fromarray(e["image"]).resize(
         (png_size[1], png_size[0]), Image.BILINEAR))) for e in examples]

@@ -2,9 +2,11 @@
 the same features: `image` uint8 [H,W,3], `depth` float32 meters [Hd,Wd], 0 invalid).
 
 Every split is read with `read_split`: the `image` feature arrives as its
-stored bytes (TFDS' decoding skipped) and `decode_image` decodes it here, a
-JPEG at reduced scale (libjpeg's DCT-domain downscaling, `ratio` 1/2/4/8) when
-the training size allows, anything else (PNG) fully, as TFDS would. Training,
+stored bytes (TFDS' decoding skipped) and `image_input` decodes and resizes it
+here: in full by default, as serving does; with --jpeg_reduced_decode a JPEG
+at reduced scale (libjpeg's DCT-domain downscaling, `ratio` 1/2/4/8) when the
+training size allows, then averaged down (area), anything else (PNG) fully,
+as TFDS would. Training,
 eval and the median depth all read this way, so they see the same tensors.
 
 Each element after `preprocess` is a dict of float32 tensors at the training size:
@@ -52,16 +54,17 @@ def preprocess(example: dict, config: Config, stage: str, training: bool,
 def resize_example(example: dict, config: Config, min_confidence: int = 0) -> dict:
   """The deterministic part: {image [H,W,3] in [0,1], depth [H,W,1] meters, 0 invalid}.
 
-  `image` may be decoded uint8 [Hs,Ws,3] or the stored JPEG/PNG bytes (a scalar
-  string from `read_split`): bytes are decoded by `decode_image` first. Depth
+  `image` may be decoded uint8 [Hs,Ws,3] (resized by network_input) or the
+  stored JPEG/PNG bytes (a scalar string from `read_split`: `image_input`). Depth
   outside (--min_depth, --max_depth), or whose `confidence` is below
   `min_confidence`, is invalid BEFORE resizing, so it never mixes into valid
   pixels at any size (depth_ops.resize_depth).
   """
   image = tf.convert_to_tensor(example["image"])
   if image.dtype == tf.string:
-    image = decode_image(image, config.image_size, reduced=config.jpeg_reduced_decode)
-  image = preprocessing.network_input(image, config.image_size)  # [H,W,3] in [0,1]
+    image = image_input(image, config.image_size, reduced=config.jpeg_reduced_decode)
+  else:
+    image = preprocessing.network_input(image, config.image_size)  # [H,W,3] in [0,1]
   return {"image": image, "depth": resize_depth_example(example, config, min_confidence)}
 
 
@@ -98,44 +101,77 @@ def jpeg_ratio(source_size, size) -> int:
 
 
 def decode_image(encoded: tf.Tensor, size, reduced: bool = True) -> tf.Tensor:
-  """Stored bytes (scalar string) -> uint8 [h,w,3] ready for network_input(., size).
+  """Stored bytes (scalar string) -> uint8 [h,w,3], decoded as `image_input`
+  decodes it before resizing: a JPEG at 1/jpeg_ratio scale when `reduced`,
+  anything else (and every JPEG when not `reduced`) in full with
+  `tf.io.decode_image(channels=3)`, the op TFDS' Image feature decodes with."""
+  return image_input(encoded, size, reduced, resize=False)
 
-  `reduced=False` (the trainer's default, --nojpeg_reduced_decode): JPEG decoded
-  at full size like every other image, so training sees exactly what the
-  exports see. Measured on the demo (64x48 from 320x240 JPEG): a finetune net
-  trained on reduced-scale decodes scored abs_rel 0.095 on its own (reduced)
-  eval but 0.106 served (full decode, trainer.evaluate): the network learns the
-  DCT-downscaled look. `reduced=True`:
-  JPEG (magic bytes FF D8 FF): decoded at 1/ratio scale with `jpeg_ratio` (so a
-  960x720 frame for 192x144 training is decoded at 240x180: ~1/16 of the IDCT
-  and colour conversion work, and a 16x smaller resize), then network_input's
-  antialiased resize takes it to `size`; the tolerance against full decode +
-  resize is measured in tests/test_input_pipeline.py. Anything else (PNG):
-  `tf.io.decode_image(channels=3)`, the op TFDS' Image feature decodes with,
-  so those tensors are unchanged.
+
+def image_input(encoded: tf.Tensor, size, reduced: bool = True,
+                resize: bool = True) -> tf.Tensor:
+  """Stored bytes (scalar string) -> float32 [H,W,3] in [0,1] at `size` (H, W).
+
+  `reduced=False` (the trainer's default, --nojpeg_reduced_decode): decoded in
+  full and resized by preprocessing.network_input, exactly as the exports do.
+  Measured on the demo (64x48 from 320x240 JPEG): a finetune net trained on
+  reduced-scale decodes scored abs_rel 0.095 on its own (reduced) eval but
+  0.106 served (full decode, trainer.evaluate): the network learns the
+  DCT-downscaled look.
+
+  `reduced=True`: a JPEG (magic bytes FF D8 FF) is decoded at 1/ratio scale
+  with `jpeg_ratio` (a 960x720 frame for 192x144 training at 240x180: ~1/16
+  of the IDCT and colour conversion work), then averaged down to `size` by
+  `reduced_input` (area), not network_input's antialiased resize: from the
+  already downscaled decode both are as close to full decode + network_input
+  (in [0,1] units, 40 rendered 960x720 frames at 192x144: mean 0.0039 both,
+  max 0.025 both; at 256x192 mean 0.0019 both; the tests' frame in
+  tests/test_input_pipeline.py), and area costs ~0.46 against ~1.65 ms of
+  CPU per example (tf.raw_ops.ScaleAndTranslate), one thread.
+  A JPEG too small to reduce (ratio 1) and anything else (PNG) go through
+  network_input: those tensors are the default path's, bit for bit.
+  `resize=False`: the decoded uint8 image, before resizing (decode_image).
   """
+  def full():
+    image = tf.ensure_shape(tf.io.decode_image(encoded, channels=3, expand_animations=False),
+                            (None, None, 3))
+    return preprocessing.network_input(image, size) if resize else image
+
   if not reduced:
-    return tf.ensure_shape(tf.io.decode_image(encoded, channels=3, expand_animations=False),
-                           (None, None, 3))
+    return full()
   is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC)
-  image = tf.cond(is_jpeg, lambda: _decode_jpeg_reduced(encoded, size),
-                  lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
-  return tf.ensure_shape(image, (None, None, 3))
+  image = tf.cond(is_jpeg, lambda: _jpeg_reduced(encoded, size, resize), full)
+  return tf.ensure_shape(image, (*size, 3) if resize else (None, None, 3))
 
 
-def _decode_jpeg_reduced(encoded: tf.Tensor, size) -> tf.Tensor:
+def reduced_input(images: tf.Tensor, size) -> tf.Tensor:
+  """uint8 [h,w,3] decoded at reduced scale (h >= H, w >= W) -> float32 [H,W,3]
+  in [0,1]: each output pixel the mean of the input area it covers (a box
+  filter, so downscaling does not alias). Training only: serving resizes
+  full images with network_input (see image_input for the tolerance)."""
+  x = tf.image.convert_image_dtype(images, tf.float32)  # uint8 / 255
+  # A mean of values in [0,1]; the clip only guards float rounding.
+  return tf.clip_by_value(tf.image.resize(x, size, method="area"), 0.0, 1.0)
+
+
+def _jpeg_reduced(encoded: tf.Tensor, size, resize: bool) -> tf.Tensor:
   # `ratio` is an attribute of the op (a Python int), while the source size is
   # only known per example (a pairs folder may mix sizes): read it from the
   # JPEG header ([Hs, Ws, channels], no decode), pick the ratio in the graph as
-  # jpeg_ratio does, and switch between one decode op per ratio.
+  # jpeg_ratio does, and switch between one decode (+ resize) per ratio.
   source = tf.io.extract_jpeg_shape(encoded)[:2]  # int32 [2]
   fits = [tf.reduce_all((source + (ratio - 1)) // ratio >= tf.constant(size, tf.int32))
           for ratio in JPEG_RATIOS[:-1]]  # ratio 1 always "fits"
   index = tf.argmax(tf.cast(tf.stack(fits + [tf.constant(True)]), tf.int32),
                     output_type=tf.int32)  # first True: the largest ratio that fits
-  branches = [functools.partial(tf.io.decode_jpeg, encoded, channels=3, ratio=ratio)
-              for ratio in JPEG_RATIOS]
-  return tf.switch_case(index, branches)
+
+  def branch(ratio: int) -> tf.Tensor:
+    image = tf.io.decode_jpeg(encoded, channels=3, ratio=ratio)
+    if not resize:
+      return image
+    return reduced_input(image, size) if ratio > 1 else preprocessing.network_input(image, size)
+
+  return tf.switch_case(index, [functools.partial(branch, ratio) for ratio in JPEG_RATIOS])
 
 
 def finish_example(resized: dict, stage: str, augment_it: bool,
@@ -213,8 +249,8 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str, shuffle_files: boo
                read_config: Optional[tfds.ReadConfig] = None,
                features=("image", "depth", "confidence")) -> tf.data.Dataset:
   """The split's examples, only `features` (those the dataset has), with `image`
-  as its stored bytes (scalar tf.string): resize_example decodes it
-  (decode_image), at reduced scale for a JPEG.
+  as its stored bytes (scalar tf.string): resize_example decodes and resizes
+  it (image_input; a JPEG at reduced scale with --jpeg_reduced_decode).
 
   Only the named features are parsed from the tf.Example and decoded
   (tfds.decode.PartialDecoding): pose, intrinsics, camera, source, timestamps
@@ -274,7 +310,7 @@ CACHE_LIMIT_BYTES = 2 * 1024**3
 
 
 # Bump when decoding or resizing changes: older files on disk no longer match.
-DISK_CACHE_FORMAT = 1
+DISK_CACHE_FORMAT = 2  # 2: reduced JPEG decodes resized by area
 
 
 def disk_cache_path(cache_dir: str, builder, split: str, config: Config,
