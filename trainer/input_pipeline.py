@@ -5,8 +5,8 @@ Every split is read with `read_split`: the `image` feature arrives as its
 stored bytes (TFDS' decoding skipped) and `image_input` decodes and resizes it
 here: in full by default, as serving does; with --jpeg_reduced_decode a JPEG
 at reduced scale (libjpeg's DCT-domain downscaling, `ratio` 1/2/4/8) when the
-training size allows, then averaged down (area), anything else (PNG) fully,
-as TFDS would. Training,
+training size allows, anything else (PNG) fully, as TFDS would; then
+preprocessing.network_input resizes. Training,
 eval and the median depth all read this way, so they see the same tensors.
 
 Each element after `preprocess` is a dict of float32 tensors at the training size:
@@ -121,15 +121,14 @@ def image_input(encoded: tf.Tensor, size, reduced: bool = True,
 
   `reduced=True`: a JPEG (magic bytes FF D8 FF) is decoded at 1/ratio scale
   with `jpeg_ratio` (a 960x720 frame for 192x144 training at 240x180: ~1/16
-  of the IDCT and colour conversion work), then averaged down to `size` by
-  `reduced_input` (area), not network_input's antialiased resize: from the
-  already downscaled decode both are as close to full decode + network_input
-  (in [0,1] units, 40 rendered 960x720 frames at 192x144: mean 0.0039 both,
-  max 0.025 both; at 256x192 mean 0.0019 both; the tests' frame in
-  tests/test_input_pipeline.py), and area costs ~0.46 against ~1.65 ms of
-  CPU per example (tf.raw_ops.ScaleAndTranslate), one thread.
-  A JPEG too small to reduce (ratio 1) and anything else (PNG) go through
-  network_input: those tensors are the default path's, bit for bit.
+  of the IDCT and colour conversion work, and a 16x smaller resize), then
+  network_input's antialiased resize takes it to `size`; the tolerance
+  against full decode + resize is measured in tests/test_input_pipeline.py.
+  (Area averaging instead, session 7: as close to the full decode on
+  average and 1.2 ms of CPU per example cheaper, but its nets served worse
+  on the validation split, 2 seeds: README, "Decoding at the training size".)
+  Anything else (PNG): `tf.io.decode_image(channels=3)`, the op TFDS' Image
+  feature decodes with, so those tensors are the default path's.
   `resize=False`: the decoded uint8 image, before resizing (decode_image).
   """
   def full():
@@ -142,16 +141,6 @@ def image_input(encoded: tf.Tensor, size, reduced: bool = True,
   is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC)
   image = tf.cond(is_jpeg, lambda: _jpeg_reduced(encoded, size, resize), full)
   return tf.ensure_shape(image, (*size, 3) if resize else (None, None, 3))
-
-
-def reduced_input(images: tf.Tensor, size) -> tf.Tensor:
-  """uint8 [h,w,3] decoded at reduced scale (h >= H, w >= W) -> float32 [H,W,3]
-  in [0,1]: each output pixel the mean of the input area it covers (a box
-  filter, so downscaling does not alias). Training only: serving resizes
-  full images with network_input (see image_input for the tolerance)."""
-  x = tf.image.convert_image_dtype(images, tf.float32)  # uint8 / 255
-  # A mean of values in [0,1]; the clip only guards float rounding.
-  return tf.clip_by_value(tf.image.resize(x, size, method="area"), 0.0, 1.0)
 
 
 def _jpeg_reduced(encoded: tf.Tensor, size, resize: bool) -> tf.Tensor:
@@ -167,9 +156,7 @@ def _jpeg_reduced(encoded: tf.Tensor, size, resize: bool) -> tf.Tensor:
 
   def branch(ratio: int) -> tf.Tensor:
     image = tf.io.decode_jpeg(encoded, channels=3, ratio=ratio)
-    if not resize:
-      return image
-    return reduced_input(image, size) if ratio > 1 else preprocessing.network_input(image, size)
+    return preprocessing.network_input(image, size) if resize else image
 
   return tf.switch_case(index, [functools.partial(branch, ratio) for ratio in JPEG_RATIOS])
 
@@ -310,7 +297,7 @@ CACHE_LIMIT_BYTES = 2 * 1024**3
 
 
 # Bump when decoding or resizing changes: older files on disk no longer match.
-DISK_CACHE_FORMAT = 2  # 2: reduced JPEG decodes resized by area
+DISK_CACHE_FORMAT = 1
 
 
 def disk_cache_path(cache_dir: str, builder, split: str, config: Config,
