@@ -101,64 +101,53 @@ def jpeg_ratio(source_size, size) -> int:
 
 
 def decode_image(encoded: tf.Tensor, size, reduced: bool = True) -> tf.Tensor:
-  """Stored bytes (scalar string) -> uint8 [h,w,3], decoded as `image_input`
-  decodes it before resizing: a JPEG at 1/jpeg_ratio scale when `reduced`,
-  anything else (and every JPEG when not `reduced`) in full with
-  `tf.io.decode_image(channels=3)`, the op TFDS' Image feature decodes with."""
-  return image_input(encoded, size, reduced, resize=False)
+  """Stored bytes (scalar string) -> uint8 [h,w,3] ready for network_input(., size).
 
-
-def image_input(encoded: tf.Tensor, size, reduced: bool = True,
-                resize: bool = True) -> tf.Tensor:
-  """Stored bytes (scalar string) -> float32 [H,W,3] in [0,1] at `size` (H, W).
-
-  `reduced=False` (the trainer's default, --nojpeg_reduced_decode): decoded in
-  full and resized by preprocessing.network_input, exactly as the exports do.
-  Measured on the demo (64x48 from 320x240 JPEG): a finetune net trained on
-  reduced-scale decodes scored abs_rel 0.095 on its own (reduced) eval but
-  0.106 served (full decode, trainer.evaluate): the network learns the
-  DCT-downscaled look.
-
-  `reduced=True`: a JPEG (magic bytes FF D8 FF) is decoded at 1/ratio scale
-  with `jpeg_ratio` (a 960x720 frame for 192x144 training at 240x180: ~1/16
-  of the IDCT and colour conversion work, and a 16x smaller resize), then
-  network_input's antialiased resize takes it to `size`; the tolerance
-  against full decode + resize is measured in tests/test_input_pipeline.py.
-  (Area averaging instead, session 7: as close to the full decode on
-  average and 1.2 ms of CPU per example cheaper, but its nets served worse
-  on the validation split, 2 seeds: README, "Decoding at the training size".)
-  Anything else (PNG): `tf.io.decode_image(channels=3)`, the op TFDS' Image
-  feature decodes with, so those tensors are the default path's.
-  `resize=False`: the decoded uint8 image, before resizing (decode_image).
+  `reduced=False` (the trainer's default, --nojpeg_reduced_decode): JPEG decoded
+  at full size like every other image, so training sees exactly what the
+  exports see. Measured on the demo (64x48 from 320x240 JPEG): a finetune net
+  trained on reduced-scale decodes scored abs_rel 0.095 on its own (reduced)
+  eval but 0.106 served (full decode, trainer.evaluate): the network learns the
+  DCT-downscaled look. `reduced=True`:
+  JPEG (magic bytes FF D8 FF): decoded at 1/ratio scale with `jpeg_ratio` (so a
+  960x720 frame for 192x144 training is decoded at 240x180: ~1/16 of the IDCT
+  and colour conversion work, and a 16x smaller resize), then network_input's
+  antialiased resize takes it to `size`; the tolerance against full decode +
+  resize is measured in tests/test_input_pipeline.py. (Area averaging instead
+  of that resize, session 7: as close to the full decode on average and 1.2 ms
+  of CPU per example cheaper, but its nets served worse on the validation
+  split, 2 seeds: README, "Decoding at the training size".) Anything else
+  (PNG): `tf.io.decode_image(channels=3)`, the op TFDS' Image feature decodes
+  with, so those tensors are unchanged.
   """
-  def full():
-    image = tf.ensure_shape(tf.io.decode_image(encoded, channels=3, expand_animations=False),
-                            (None, None, 3))
-    return preprocessing.network_input(image, size) if resize else image
-
   if not reduced:
-    return full()
+    return tf.ensure_shape(tf.io.decode_image(encoded, channels=3, expand_animations=False),
+                           (None, None, 3))
   is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC)
-  image = tf.cond(is_jpeg, lambda: _jpeg_reduced(encoded, size, resize), full)
-  return tf.ensure_shape(image, (*size, 3) if resize else (None, None, 3))
+  image = tf.cond(is_jpeg, lambda: _decode_jpeg_reduced(encoded, size),
+                  lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+  return tf.ensure_shape(image, (None, None, 3))
 
 
-def _jpeg_reduced(encoded: tf.Tensor, size, resize: bool) -> tf.Tensor:
+def image_input(encoded: tf.Tensor, size, reduced: bool = True) -> tf.Tensor:
+  """Stored bytes (scalar string) -> float32 [H,W,3] in [0,1] at `size`:
+  decode_image, then preprocessing.network_input (the resize serving uses)."""
+  return preprocessing.network_input(decode_image(encoded, size, reduced), size)
+
+
+def _decode_jpeg_reduced(encoded: tf.Tensor, size) -> tf.Tensor:
   # `ratio` is an attribute of the op (a Python int), while the source size is
   # only known per example (a pairs folder may mix sizes): read it from the
   # JPEG header ([Hs, Ws, channels], no decode), pick the ratio in the graph as
-  # jpeg_ratio does, and switch between one decode (+ resize) per ratio.
+  # jpeg_ratio does, and switch between one decode op per ratio.
   source = tf.io.extract_jpeg_shape(encoded)[:2]  # int32 [2]
   fits = [tf.reduce_all((source + (ratio - 1)) // ratio >= tf.constant(size, tf.int32))
           for ratio in JPEG_RATIOS[:-1]]  # ratio 1 always "fits"
   index = tf.argmax(tf.cast(tf.stack(fits + [tf.constant(True)]), tf.int32),
                     output_type=tf.int32)  # first True: the largest ratio that fits
-
-  def branch(ratio: int) -> tf.Tensor:
-    image = tf.io.decode_jpeg(encoded, channels=3, ratio=ratio)
-    return preprocessing.network_input(image, size) if resize else image
-
-  return tf.switch_case(index, [functools.partial(branch, ratio) for ratio in JPEG_RATIOS])
+  branches = [functools.partial(tf.io.decode_jpeg, encoded, channels=3, ratio=ratio)
+              for ratio in JPEG_RATIOS]
+  return tf.switch_case(index, branches)
 
 
 def finish_example(resized: dict, stage: str, augment_it: bool,
