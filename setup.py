@@ -49,6 +49,7 @@ TEST = CLOUD + LITERT + VIDEO + [
     "pytest-xdist>=3.5,<4",  # -n 2: the suite on both cores of a 2-core CI machine
     "dill>=0.3",  # tfds.testing imports it
     "gcp-storage-emulator>=2024.0",
+    "trustme>=1.1,<2",  # tests/gcs_server.py: the TLS certificate TF's GCS client trusts
 ]
 
 setuptools.setup(

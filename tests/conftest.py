@@ -9,6 +9,8 @@ import zipfile
 import pytest
 import tensorflow_datasets as tfds
 
+import gcs_server
+
 import tfds_record3d  # pylint: disable=unused-import  # registers record3d
 from tfds_record3d import synthetic
 from tfds_record3d import writers
@@ -154,3 +156,24 @@ def event_scalars():
             values[event.step] = float(tf.make_ndarray(value.tensor))
     return values
   return event_scalars
+
+
+# ---------------------------------------------------------------------------
+# A local Cloud Storage (tests/gcs_server.py).
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def emulator_host():
+  """http://127.0.0.1:PORT of a gcp-storage-emulator with bucket gcs_server.BUCKET
+  (google-cloud-storage reaches it through STORAGE_EMULATOR_HOST)."""
+  with gcs_server.emulator(gcs_server.BUCKET) as host:
+    yield host
+
+
+@pytest.fixture(scope="session")
+def tf_gcs_proxy(emulator_host, tmp_path_factory):
+  """A gcs_server.TlsProxy to the emulator: its tf_environment() lets a
+  subprocess's TensorFlow (tf.io.gfile, epath, TFDS) read gs://gcs_server.BUCKET."""
+  proxy = gcs_server.TlsProxy(emulator_host, str(tmp_path_factory.mktemp("gcs_tls")))
+  yield proxy
+  proxy.shutdown()
+  proxy.server_close()

@@ -1,15 +1,13 @@
 """launch.stage / gcs_sync against a real local Cloud Storage server.
 
-The server is gcp-storage-emulator, started here on 127.0.0.1 in its own
-process; google-cloud-storage reaches it through STORAGE_EMULATOR_HOST with
-anonymous credentials. Nothing here talks to Google.
+The server is gcp-storage-emulator (tests/gcs_server.py, conftest's
+emulator_host), on 127.0.0.1 in its own process; google-cloud-storage reaches
+it through STORAGE_EMULATOR_HOST with anonymous credentials. Nothing here talks to Google.
 """
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -17,44 +15,15 @@ import requests
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
+import gcs_server
 from launch import gcs_sync
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUCKET = "depth2d-test"
+BUCKET = gcs_server.BUCKET
 KIB = 1024
 MIB = 1024 * KIB
 # google-cloud-storage sends files above 8 MiB as resumable uploads, in chunks.
 RESUMABLE_SIZE = 9 * MIB
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def emulator_host():
-  port = _free_port()
-  server = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-       f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  host = f"http://127.0.0.1:{port}"
-  try:
-    deadline = time.monotonic() + 30
-    while True:
-      try:
-        requests.get(f"{host}/storage/v1/b/{BUCKET}", timeout=1)
-        break
-      except requests.ConnectionError:
-        if time.monotonic() > deadline or server.poll() is not None:
-          raise RuntimeError("gcp-storage-emulator did not start")
-        time.sleep(0.1)
-    yield host
-  finally:
-    server.terminate()
-    server.wait(timeout=10)
 
 
 @pytest.fixture

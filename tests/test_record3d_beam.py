@@ -2,24 +2,29 @@
 builds of the previous version keep loading."""
 
 import contextlib
-import shutil
+import subprocess
+import sys
+import uuid
 from unittest import mock
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from apache_beam.options.pipeline_options import PipelineOptions
-from etils import epath
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+
+import gcs_server
 
 import tfds_record3d
-from tfds_record3d import validation
+from launch import gcs_sync
 from tfds_record3d.record3d import record3d_dataset_builder as builder_module
 
 DUMMY = builder_module.Builder.code_path.parent / "dummy_data"
 SPLITS = ("train", "validation", "test")
-BUCKET = "gs://depth2d-test-bucket"
+BUCKET = "gs://depth2d-mocked-bucket"  # the mock_epath tests' bucket
 
 
 def _build(config, manual_dir, data_dir, beam_flags=None):
@@ -111,33 +116,100 @@ def test_a_build_that_loses_examples_stops_and_keeps_nothing(tmp_path, monkeypat
         writer={"serialized": 5, "shards_planned": 3, "shards_written": 2})
 
 
-# --- gs:// ---------------------------------------------------------------------
-# TF's own GCS filesystem (what epath uses for gs://) cannot be pointed at a
-# local emulator, and this machine has no bucket. These tests map gs://BUCKET
-# onto a local folder underneath epath (etils' mock_epath): every path the
-# builder, the readers and TFDS' DownloadManager handle is a real gs:// epath
-# path (no `os` call, no local copy), but the bytes come from local disk.
+# --- gs:// through TensorFlow's own GCS client ---------------------------------
+# The dummy folders go to a local gcp-storage-emulator with launch.stage's
+# upload (gcs_sync); the `tfds build` command line then runs in a subprocess
+# whose tf.io.gfile reaches the emulator through gcs_server.TlsProxy: TF's real
+# GCS filesystem (listing, stat, ranged reads over TLS, what epath and TFDS
+# call), no mock. What the emulator cannot do (refuse access) is mocked below.
 
-def _gs_mock(root):
-  """mock_epath functions mapping BUCKET/... to root/..."""
-  def local(path):
-    path = str(path)
-    return str(root) + path[len(BUCKET):] if path.startswith(BUCKET) else path
+@pytest.fixture(scope="module")
+def gs_captures(emulator_host):
+  """gs://BUCKET/captures-ID, holding the dummy `pairs/` and `r3d/` folders."""
+  client = storage.Client(project="depth2d-test", credentials=AnonymousCredentials(),
+                          client_options={"api_endpoint": emulator_host})
+  prefix = f"gs://{gcs_server.BUCKET}/captures-{uuid.uuid4().hex[:8]}"
+  for config in ("pairs", "r3d"):
+    report = gcs_sync.upload_tree(str(DUMMY / config), f"{prefix}/{config}", client=client)
+    assert report.ok and report.transferred, report
+  return prefix
 
-  def remote(path):
-    path = str(path)
-    return BUCKET + path[len(str(root)):] if path.startswith(str(root)) else path
 
-  def one(fn, path, *args, **kwargs):
-    return fn(local(path), *args, **kwargs)
+def _tfds_build(config, manual_dir, data_dir, env, beam_options=None):
+  """The documented command line, in a subprocess with `env`."""
+  command = [sys.executable, "-m", "tensorflow_datasets.scripts.cli.main", "build", "record3d",
+             "--imports", "tfds_record3d", "--config", config, "--manual_dir", str(manual_dir),
+             "--data_dir", str(data_dir)]
+  if beam_options:
+    command.append(f"--beam_pipeline_options={beam_options}")
+  return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
 
-  def walk(fn, top, **kwargs):
-    for folder, dirs, files in fn(local(top), **kwargs):
-      yield remote(folder), dirs, files
 
-  return dict(open=one, exists=one, isdir=one, listdir=one, stat=one, walk=walk,
-              glob=lambda fn, pattern: [remote(p) for p in fn(local(pattern))])
+def _reloaded_local_build(config, data_dir):
+  """The in-process build of the same dummy folder, read back from disk like the
+  subprocess's (metadata from JSON: lists where the builder held tuples)."""
+  _build(config, DUMMY / config, data_dir)
+  return tfds.builder(f"record3d/{config}", data_dir=str(data_dir))
 
+
+def _gs_env(subprocess_env, proxy):
+  env = subprocess_env(**proxy.tf_environment())
+  for name in ("http_proxy", "HTTP_PROXY", "STORAGE_EMULATOR_HOST"):
+    env.pop(name, None)
+  return env
+
+
+@pytest.mark.slow  # subprocesses: TF start-up
+@pytest.mark.parametrize("config", ["pairs", "r3d"])
+def test_tfds_build_reads_gs_manual_dir_with_tensorflows_gcs_client(
+    tmp_path, config, gs_captures, tf_gcs_proxy, subprocess_env):
+  tunnels_before = len(tf_gcs_proxy.tunnels)
+  result = _tfds_build(config, f"{gs_captures}/{config}", tmp_path / "gs",
+                       _gs_env(subprocess_env, tf_gcs_proxy))
+  assert result.returncode == 0, result.stdout + result.stderr
+  # The bytes came through TF's client: listings and metadata from
+  # www.googleapis.com, object reads from storage.googleapis.com.
+  assert set(tf_gcs_proxy.tunnels[tunnels_before:]) == set(gcs_server.GCS_HOSTS)
+  from_gs = tfds.builder(f"record3d/{config}", data_dir=str(tmp_path / "gs"))
+  _assert_same_build(_reloaded_local_build(config, tmp_path / "local"), from_gs)
+  recorded = from_gs.info.metadata["provenance"]
+  assert recorded["manual_dir"] == f"{gs_captures}/{config}"
+  # pairs: lab 3x3 + manifest, seed_style 3x2 + manifest, npy_seq 3x2, exr_seq 3x2 +
+  # metadata.json; r3d: three captures.
+  assert recorded["fingerprint"]["files"] == {"pairs": 30, "r3d": 3}[config]
+  sources = [e["source"].decode() for e in _examples(from_gs, "train").values()]
+  assert sources and not any(s.startswith("gs://") for s in sources), sources
+
+
+@pytest.mark.slow
+def test_beam_two_workers_read_gs_manual_dir(tmp_path, gs_captures, tf_gcs_proxy,
+                                             subprocess_env):
+  """The Beam worker processes read gs:// themselves (DirectRunner multi_processing)."""
+  result = _tfds_build("pairs", f"{gs_captures}/pairs", tmp_path / "gs",
+                       _gs_env(subprocess_env, tf_gcs_proxy),
+                       "runner=DirectRunner,direct_num_workers=2,"
+                       "direct_running_mode=multi_processing")
+  assert result.returncode == 0, result.stdout + result.stderr
+  _assert_same_build(_reloaded_local_build("pairs", tmp_path / "local"),
+                     tfds.builder("record3d/pairs", data_dir=str(tmp_path / "gs")))
+
+
+@pytest.mark.slow
+def test_gs_manual_dir_that_does_not_exist_is_named(tmp_path, gs_captures, tf_gcs_proxy,
+                                                     subprocess_env):
+  missing = f"{gs_captures}/no_such_folder"
+  result = _tfds_build("r3d", missing, tmp_path / "data", _gs_env(subprocess_env, tf_gcs_proxy))
+  output = result.stdout + result.stderr
+  assert result.returncode == 1, output
+  assert f"{missing}: manual folder does not exist" in output
+  assert "Traceback" not in output
+  assert not (tmp_path / "data" / "record3d").exists()
+
+
+# A bucket that refuses access: the emulator lets anyone read, so here epath's
+# gs:// calls are replaced (etils' mock_epath) by ones that raise what a 403
+# gives.
 
 @contextlib.contextmanager
 def _mock_gs(**mocks):
@@ -149,47 +221,19 @@ def _mock_gs(**mocks):
     yield
 
 
-def test_gs_manual_dir_builds_without_a_local_copy(tmp_path):
-  root = tmp_path / "bucket"
-  shutil.copytree(DUMMY / "pairs", root / "captures")
-  opened = []
-
-  def tracking_open(fn, path, mode):
-    opened.append(str(path))
-    return fn(str(root) + str(path)[len(BUCKET):] if str(path).startswith(BUCKET) else path,
-              mode)
-
-  mocks = dict(_gs_mock(root), open=tracking_open)
-  with _mock_gs(**mocks):
-    builder = _build("pairs", f"{BUCKET}/captures", tmp_path / "data")
-    recorded = builder.info.metadata["provenance"]
-  assert recorded["manual_dir"] == f"{BUCKET}/captures"
-  # lab 3x3 + manifest, seed_style 3x2 + manifest, npy_seq 3x2, exr_seq 3x2 + metadata.json
-  assert recorded["fingerprint"]["files"] == 30
-  assert f"{BUCKET}/captures/lab/rgb/000001.jpg" in opened  # read through gs:// paths
-  train = _examples(builder, "train")
-  assert len(train) == 6
-  sources = sorted(e["source"].decode() for e in train.values())
-  assert all(not s.startswith("gs://") and ("/rgb/" in s or "/X/" in s) for s in sources), sources
-
-
-def test_gs_manual_dir_missing_or_unreadable_is_named(tmp_path):
-  (tmp_path / "bucket").mkdir()
-  with _mock_gs(**_gs_mock(tmp_path / "bucket")):
-    with pytest.raises(tfds_record3d.ManualInputError) as error:
-      _build("r3d", f"{BUCKET}/no_such_folder", tmp_path / "data")
-  assert f"{BUCKET}/no_such_folder: manual folder does not exist" in str(error.value)
-
+def test_gs_manual_dir_without_read_access_is_named(tmp_path):
   def denied(fn, path, *args, **kwargs):
     if str(path).startswith(BUCKET):
       raise PermissionError(f"403 Forbidden: {path}")  # what a bucket without access gives
     return fn(path, *args, **kwargs)
 
   with _mock_gs(exists=denied, isdir=denied, listdir=denied):
-    problems = validation.check_manual_dir(epath.Path(f"{BUCKET}/captures"))
-  assert len(problems) == 1 and problems[0].path == f"{BUCKET}/captures"
-  assert "cannot read the manual folder (PermissionError: 403 Forbidden" in problems[0].reason
-  assert "roles/storage.objectViewer" in problems[0].reason
+    with pytest.raises(tfds_record3d.ManualInputError) as error:
+      _build("pairs", f"{BUCKET}/captures", tmp_path / "data")
+  message = str(error.value)
+  assert (f"{BUCKET}/captures: cannot read the manual folder (PermissionError: 403 Forbidden"
+          in message), message
+  assert "roles/storage.objectViewer" in message
   assert not (tmp_path / "data" / "record3d").exists()
 
 
