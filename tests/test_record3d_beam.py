@@ -155,8 +155,7 @@ def _reloaded_local_build(config, data_dir):
 
 def _gs_env(subprocess_env, proxy):
   env = subprocess_env(**proxy.tf_environment())
-  for name in ("http_proxy", "HTTP_PROXY", "STORAGE_EMULATOR_HOST"):
-    env.pop(name, None)
+  env.pop("STORAGE_EMULATOR_HOST", None)  # TF's client goes through the proxy
   return env
 
 
@@ -183,16 +182,24 @@ def test_tfds_build_reads_gs_manual_dir_with_tensorflows_gcs_client(
 
 
 @pytest.mark.slow
-def test_beam_two_workers_read_gs_manual_dir(tmp_path, gs_captures, tf_gcs_proxy,
-                                             subprocess_env):
-  """The Beam worker processes read gs:// themselves (DirectRunner multi_processing)."""
-  result = _tfds_build("pairs", f"{gs_captures}/pairs", tmp_path / "gs",
+def test_beam_two_workers_build_from_gs_to_gs(tmp_path, gs_captures, tf_gcs_proxy,
+                                              subprocess_env, emulator_host):
+  """What a Dataflow build does, on 2 local worker processes (DirectRunner
+  multi_processing): nothing local, the manual folder and the data_dir both on
+  gs://, read and written by the workers through TF's client. The files the
+  build left in the bucket, downloaded, load as the local in-process build."""
+  data_dir = f"{gs_captures}/tfds"
+  result = _tfds_build("pairs", f"{gs_captures}/pairs", data_dir,
                        _gs_env(subprocess_env, tf_gcs_proxy),
                        "runner=DirectRunner,direct_num_workers=2,"
                        "direct_running_mode=multi_processing")
   assert result.returncode == 0, result.stdout + result.stderr
+  client = storage.Client(project="depth2d-test", credentials=AnonymousCredentials(),
+                          client_options={"api_endpoint": emulator_host})
+  report = gcs_sync.download_tree(data_dir, str(tmp_path / "downloaded"), client=client)
+  assert report.ok and report.transferred, report
   _assert_same_build(_reloaded_local_build("pairs", tmp_path / "local"),
-                     tfds.builder("record3d/pairs", data_dir=str(tmp_path / "gs")))
+                     tfds.builder("record3d/pairs", data_dir=str(tmp_path / "downloaded")))
 
 
 @pytest.mark.slow
