@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 import zipfile
 
 import numpy as np
@@ -370,3 +371,12 @@ def test_cli_on_an_r3d(export, tmp_path, subprocess_env):
                          timeout=300)
   assert again.returncode == 2 and "already exist" in again.stderr
   assert "Traceback" not in again.stderr
+
+
+def test_cli_refuses_a_gs_output_dir_before_anything_is_written(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  flag_values = types.SimpleNamespace(export_dir=str(tmp_path), output_dir="gs://bucket/out",
+                                      voxel_size=0.05, fps=None)
+  assert predict.main(["trainer.predict", "photo.png"], flag_values) == 2
+  assert ("--output_dir=gs://bucket/out: must be a local folder" in capsys.readouterr().err)
+  assert not list(tmp_path.iterdir())  # no local "gs:" folder

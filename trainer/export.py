@@ -18,6 +18,7 @@ import tensorflow as tf
 from trainer import preprocessing
 from trainer import tflite_export
 from trainer import train
+from trainer import workdir
 
 if TYPE_CHECKING:
   from trainer.config import Config
@@ -85,12 +86,7 @@ def copy_export(source_dir: str, export_dir: str) -> str:
   and the network is not traced a second time."""
   if tf.io.gfile.exists(export_dir):
     tf.io.gfile.rmtree(export_dir)  # a stale export must not mix with the copy
-  source_dir = source_dir.rstrip("/")
-  for folder, _, files in tf.io.gfile.walk(source_dir):
-    target = export_dir + folder[len(source_dir):]
-    tf.io.gfile.makedirs(target)
-    for name in files:
-      tf.io.gfile.copy(f"{folder}/{name}", f"{target}/{name}")
+  workdir.copy_tree(source_dir, export_dir)
   logging.info("copied the export %s to %s", source_dir, export_dir)
   return export_dir
 

@@ -311,7 +311,7 @@ def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("export_dir", None, "SavedModel written by trainer.main (M/export), or "
                       "one of its .tflite files.")
-  flags.DEFINE_string("output_dir", None, "Folder for the outputs (created).")
+  flags.DEFINE_string("output_dir", None, "Local folder for the outputs (created).")
   flags.DEFINE_bool("ply", False, "Also write a coloured point cloud NAME.ply; for a capture "
                     "with poses (.r3d) also NAME_fused.ply in world coordinates.")
   flags.DEFINE_bool("frame_ply", True, "With --ply on a capture, also one PLY per frame "
@@ -337,6 +337,11 @@ def main(argv, flag_values) -> int:
   problem = None
   if not flag_values.export_dir or not flag_values.output_dir:
     problem = "--export_dir and --output_dir are required"
+  elif "://" in flag_values.output_dir:
+    # os.makedirs would make a local folder named "gs:" instead.
+    problem = (f"--output_dir={flag_values.output_dir}: must be a local folder (trainer.predict "
+               "writes local files); copy the outputs up afterwards, e.g. with "
+               "`python -m launch.stage upload`")
   elif not paths:
     problem = "give one or more images or captures (.r3d, video, folder of frames) after the flags"
   elif flag_values.voxel_size <= 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from typing import TYPE_CHECKING, Dict, Sequence
 
 from absl import logging
@@ -95,17 +96,27 @@ def write_report(config: Config, builder, stage_metrics: Dict[str, dict]) -> str
 
 
 def predict_test_images(config: Config, builder, export_dir: str) -> dict:
-  """Runs trainer.predict on a few eval-split images saved as PNG, as a user would."""
-  base = workdir.root(config)
-  inputs_dir, outputs_dir = f"{base}/predict/inputs", f"{base}/predict/outputs"
-  tf.io.gfile.makedirs(inputs_dir)
-  paths = []
-  ds = builder.as_dataset(split=config.eval_split, shuffle_files=False)
-  for example in ds.take(config.num_predict_images).as_numpy_iterator():
-    name = f"{example['sequence'].decode()}_{int(example['frame']):05d}.png"
-    path = f"{inputs_dir}/{name}"
-    Image.fromarray(example["image"]).save(path)
-    paths.append(path)
-  if tf.io.gfile.exists(outputs_dir):
-    logging.info("replacing this run's earlier predictions in %s", outputs_dir)
-  return predict.predict_files(export_dir, paths, outputs_dir, overwrite=True)
+  """Runs trainer.predict on a few eval-split images saved as PNG, as a user
+  would, in <model_dir>/predict/inputs and outputs. trainer.predict writes
+  local files (PIL, numpy): with a gs:// --model_dir it runs in a local
+  temporary folder, copied to <model_dir>/predict afterwards."""
+  base = f"{workdir.root(config)}/predict"
+  if tf.io.gfile.exists(f"{base}/outputs"):
+    logging.info("replacing this run's earlier predictions in %s/outputs", base)
+  with tempfile.TemporaryDirectory(prefix="depth2d_predict_") as scratch:
+    folder = scratch if workdir.is_remote(base) else base
+    inputs_dir, outputs_dir = f"{folder}/inputs", f"{folder}/outputs"
+    tf.io.gfile.makedirs(inputs_dir)
+    paths = []
+    ds = builder.as_dataset(split=config.eval_split, shuffle_files=False)
+    for example in ds.take(config.num_predict_images).as_numpy_iterator():
+      name = f"{example['sequence'].decode()}_{int(example['frame']):05d}.png"
+      path = f"{inputs_dir}/{name}"
+      Image.fromarray(example["image"]).save(path)
+      paths.append(path)
+    outcome = predict.predict_files(export_dir, paths, outputs_dir, overwrite=True)
+    if folder != base:
+      workdir.copy_tree(folder, base)
+      logging.info("copied the predictions to %s", base)
+      outcome = {base + path[len(folder):]: error for path, error in outcome.items()}
+  return outcome

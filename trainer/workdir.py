@@ -54,6 +54,25 @@ def root(config: "Config") -> str:
   return config.model_dir.rstrip("/")
 
 
+def is_remote(path: str) -> bool:
+  """gs:// (or any URL tf.io.gfile serves), as opposed to a local path."""
+  return "://" in path
+
+
+def copy_tree(source_dir: str, target_dir: str) -> None:
+  """Every file under `source_dir` copied to the same place under `target_dir`
+  (local or gs://, either side), replacing files of the same name."""
+  source_dir = source_dir.rstrip("/")
+  for folder, _, files in tf.io.gfile.walk(source_dir):
+    # On gs:// the walk names sub-folders with a trailing slash (".../variables/"),
+    # and "variables//x" would be another object name.
+    folder = folder.rstrip("/")
+    target = target_dir + folder[len(source_dir):]
+    tf.io.gfile.makedirs(target)
+    for name in files:
+      tf.io.gfile.copy(f"{folder}/{name}", f"{target}/{name}", overwrite=True)
+
+
 def stage_dir(config: "Config", stage: str) -> str:
   return f"{root(config)}/{stage}"
 
@@ -248,7 +267,7 @@ class StageLock:
 
   def _create(self) -> bool:
     text = json.dumps(self.me, indent=1)
-    if "://" in self.path:
+    if is_remote(self.path):
       if tf.io.gfile.exists(self.path):
         return False
       with tf.io.gfile.GFile(self.path, "w") as f:
