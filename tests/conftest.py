@@ -170,6 +170,15 @@ def emulator_host():
 
 
 @pytest.fixture(scope="session")
+def emulator_client(emulator_host):
+  """A google-cloud-storage client of the emulator (anonymous)."""
+  from google.auth.credentials import AnonymousCredentials  # pylint: disable=g-import-not-at-top
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  return storage.Client(project="depth2d-test", credentials=AnonymousCredentials(),
+                        client_options={"api_endpoint": emulator_host})
+
+
+@pytest.fixture(scope="session")
 def tf_gcs_proxy(emulator_host, tmp_path_factory):
   """A gcs_server.TlsProxy to the emulator: its tf_environment() lets a
   subprocess's TensorFlow (tf.io.gfile, epath, TFDS) read gs://gcs_server.BUCKET."""
@@ -177,3 +186,12 @@ def tf_gcs_proxy(emulator_host, tmp_path_factory):
   yield proxy
   proxy.shutdown()
   proxy.server_close()
+
+
+@pytest.fixture
+def tf_gcs_env(tf_gcs_proxy, subprocess_env):
+  """The environment of a subprocess whose TensorFlow reads and writes
+  gs://gcs_server.BUCKET (the emulator) through tf_gcs_proxy."""
+  env = subprocess_env(**tf_gcs_proxy.tf_environment())
+  env.pop("STORAGE_EMULATOR_HOST", None)  # TF's client goes through the proxy
+  return env

@@ -13,9 +13,6 @@ import tensorflow_datasets as tfds
 from apache_beam.options.pipeline_options import PipelineOptions
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
-
 import gcs_server
 
 import tfds_record3d
@@ -124,13 +121,12 @@ def test_a_build_that_loses_examples_stops_and_keeps_nothing(tmp_path, monkeypat
 # call), no mock. What the emulator cannot do (refuse access) is mocked below.
 
 @pytest.fixture(scope="module")
-def gs_captures(emulator_host):
+def gs_captures(emulator_client):
   """gs://BUCKET/captures-ID, holding the dummy `pairs/` and `r3d/` folders."""
-  client = storage.Client(project="depth2d-test", credentials=AnonymousCredentials(),
-                          client_options={"api_endpoint": emulator_host})
   prefix = f"gs://{gcs_server.BUCKET}/captures-{uuid.uuid4().hex[:8]}"
   for config in ("pairs", "r3d"):
-    report = gcs_sync.upload_tree(str(DUMMY / config), f"{prefix}/{config}", client=client)
+    report = gcs_sync.upload_tree(str(DUMMY / config), f"{prefix}/{config}",
+                                  client=emulator_client)
     assert report.ok and report.transferred, report
   return prefix
 
@@ -153,19 +149,12 @@ def _reloaded_local_build(config, data_dir):
   return tfds.builder(f"record3d/{config}", data_dir=str(data_dir))
 
 
-def _gs_env(subprocess_env, proxy):
-  env = subprocess_env(**proxy.tf_environment())
-  env.pop("STORAGE_EMULATOR_HOST", None)  # TF's client goes through the proxy
-  return env
-
-
 @pytest.mark.slow  # subprocesses: TF start-up
 @pytest.mark.parametrize("config", ["pairs", "r3d"])
 def test_tfds_build_reads_gs_manual_dir_with_tensorflows_gcs_client(
-    tmp_path, config, gs_captures, tf_gcs_proxy, subprocess_env):
+    tmp_path, config, gs_captures, tf_gcs_proxy, tf_gcs_env):
   tunnels_before = len(tf_gcs_proxy.tunnels)
-  result = _tfds_build(config, f"{gs_captures}/{config}", tmp_path / "gs",
-                       _gs_env(subprocess_env, tf_gcs_proxy))
+  result = _tfds_build(config, f"{gs_captures}/{config}", tmp_path / "gs", tf_gcs_env)
   assert result.returncode == 0, result.stdout + result.stderr
   # The bytes came through TF's client: listings and metadata from
   # www.googleapis.com, object reads from storage.googleapis.com.
@@ -182,31 +171,28 @@ def test_tfds_build_reads_gs_manual_dir_with_tensorflows_gcs_client(
 
 
 @pytest.mark.slow
-def test_beam_two_workers_build_from_gs_to_gs(tmp_path, gs_captures, tf_gcs_proxy,
-                                              subprocess_env, emulator_host):
+def test_beam_two_workers_build_from_gs_to_gs(tmp_path, gs_captures, tf_gcs_env,
+                                              emulator_client):
   """What a Dataflow build does, on 2 local worker processes (DirectRunner
   multi_processing): nothing local, the manual folder and the data_dir both on
   gs://, read and written by the workers through TF's client. The files the
   build left in the bucket, downloaded, load as the local in-process build."""
   data_dir = f"{gs_captures}/tfds"
   result = _tfds_build("pairs", f"{gs_captures}/pairs", data_dir,
-                       _gs_env(subprocess_env, tf_gcs_proxy),
+                       tf_gcs_env,
                        "runner=DirectRunner,direct_num_workers=2,"
                        "direct_running_mode=multi_processing")
   assert result.returncode == 0, result.stdout + result.stderr
-  client = storage.Client(project="depth2d-test", credentials=AnonymousCredentials(),
-                          client_options={"api_endpoint": emulator_host})
-  report = gcs_sync.download_tree(data_dir, str(tmp_path / "downloaded"), client=client)
+  report = gcs_sync.download_tree(data_dir, str(tmp_path / "downloaded"), client=emulator_client)
   assert report.ok and report.transferred, report
   _assert_same_build(_reloaded_local_build("pairs", tmp_path / "local"),
                      tfds.builder("record3d/pairs", data_dir=str(tmp_path / "downloaded")))
 
 
 @pytest.mark.slow
-def test_gs_manual_dir_that_does_not_exist_is_named(tmp_path, gs_captures, tf_gcs_proxy,
-                                                     subprocess_env):
+def test_gs_manual_dir_that_does_not_exist_is_named(tmp_path, gs_captures, tf_gcs_env):
   missing = f"{gs_captures}/no_such_folder"
-  result = _tfds_build("r3d", missing, tmp_path / "data", _gs_env(subprocess_env, tf_gcs_proxy))
+  result = _tfds_build("r3d", missing, tmp_path / "data", tf_gcs_env)
   output = result.stdout + result.stderr
   assert result.returncode == 1, output
   assert f"{missing}: manual folder does not exist" in output

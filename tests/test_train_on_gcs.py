@@ -9,9 +9,6 @@ import sys
 import uuid
 
 import pytest
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
-
 import gcs_server
 
 
@@ -30,18 +27,15 @@ def _train(model_dir, data_dir, env):
 
 @pytest.mark.slow  # subprocesses: TF start-up, the whole chain twice
 def test_main_chain_writes_its_workdir_to_gs_and_resumes_from_it(
-    tiny_record3d, emulator_host, tf_gcs_proxy, subprocess_env):
+    tiny_record3d, emulator_client, tf_gcs_proxy, tf_gcs_env):
   data_dir, _ = tiny_record3d
   run = f"run-{uuid.uuid4().hex[:8]}"
   model_dir = f"gs://{gcs_server.BUCKET}/{run}"
-  env = subprocess_env(**tf_gcs_proxy.tf_environment())
-  env.pop("STORAGE_EMULATOR_HOST", None)
   tunnels_before = len(tf_gcs_proxy.tunnels)
-  _train(model_dir, data_dir, env)
+  _train(model_dir, data_dir, tf_gcs_env)
   assert set(tf_gcs_proxy.tunnels[tunnels_before:]) == set(gcs_server.GCS_HOSTS)
 
-  client = storage.Client(project="depth2d-test", credentials=AnonymousCredentials(),
-                          client_options={"api_endpoint": emulator_host})
+  client = emulator_client
   bucket = client.bucket(gcs_server.BUCKET)
   names = {blob.name[len(run) + 1:] for blob in client.list_blobs(bucket, prefix=run + "/")}
   # The chain's export is a copy of the finetune export, file by file (a gs://
@@ -60,7 +54,7 @@ def test_main_chain_writes_its_workdir_to_gs_and_resumes_from_it(
   # A rerun reads the finished stages back from the bucket instead of training again.
   before = {blob.name: blob.generation for blob in client.list_blobs(bucket, prefix=run + "/")
             if "/checkpoints/" in blob.name}
-  _train(model_dir, data_dir, env)
+  _train(model_dir, data_dir, tf_gcs_env)
   after = {blob.name: blob.generation for blob in client.list_blobs(bucket, prefix=run + "/")
            if "/checkpoints/" in blob.name}
   assert before and after == before  # no checkpoint written again
