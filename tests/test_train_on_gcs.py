@@ -1,5 +1,5 @@
-"""`python -m trainer.main --model_dir=gs://...`: the whole chain writing its
-workdir to Cloud Storage through TensorFlow's real GCS client (a local
+"""`python -m trainer.main --model_dir=gs://... --cache_dir=gs://...`: the whole
+chain writing its workdir and its tf.data cache to Cloud Storage through TensorFlow's real GCS client (a local
 gcp-storage-emulator behind tests/gcs_server.py's TLS proxy), then a rerun
 that finds the finished work there."""
 
@@ -14,6 +14,7 @@ import gcs_server
 
 def _train(model_dir, data_dir, env):
   command = [sys.executable, "-m", "trainer.main", f"--model_dir={model_dir}",
+             f"--cache_dir={model_dir}/cache",
              "--dataset=record3d/pairs", f"--data_dir={data_dir}", "--image_size=32,24",
              "--global_batch_size=4", "--train_steps=2", "--steps_per_loop=2",
              "--log_every_steps=2", "--checkpoint_every_steps=2", "--warmup_steps=1",
@@ -46,6 +47,11 @@ def test_main_chain_writes_its_workdir_to_gs_and_resumes_from_it(
   assert not any("//" in name for name in names), sorted(names)
   assert json.loads(bucket.blob(f"{run}/export/depth2d.json").download_as_bytes())[
       "stage"] == "finetune"
+
+  # The tf.data file cache of the decoded train split (--cache_dir on gs://),
+  # finished (index + data, no lock left).
+  cache = sorted(n for n in names if n.startswith("cache/") and n != "cache/")
+  assert [n.rsplit(".", 1)[-1].split("-")[0] for n in cache] == ["data", "index"], cache
 
   # trainer.predict writes locally: its folder is copied up afterwards.
   for folder in ("predict/inputs", "predict/outputs"):
