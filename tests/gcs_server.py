@@ -40,7 +40,7 @@ GCS_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
 BUCKET = "depth2d-test"  # the bucket the tests' emulator holds
 
 
-def free_port() -> int:
+def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -50,7 +50,7 @@ def free_port() -> int:
 def emulator(bucket: str):
   """gcp-storage-emulator on 127.0.0.1 (in memory, `bucket` created); yields its
   http://host:port."""
-  port = free_port()
+  port = _free_port()
   server = subprocess.Popen(
       [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
        f"--port={port}", "--in-memory", f"--default-bucket={bucket}"],
@@ -136,10 +136,10 @@ class _TunnelHandler(socketserver.BaseRequestHandler):
     if not head:
       return
     method, target = head.split(b" ", 2)[:2]
-    if method == b"CONNECT":
-      host = target.decode().rsplit(":", 1)[0]
-    else:
-      host = target.decode().split("//", 1)[-1].split("/", 1)[0]
+    # CONNECT host:443, or an absolute http://host/... address.
+    target = target.decode()
+    host = (target.rsplit(":", 1)[0] if method == b"CONNECT"
+            else urllib.parse.urlsplit(target).hostname)
     if host not in GCS_HOSTS:
       self.request.sendall(b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\n\r\n")
       return
@@ -171,7 +171,8 @@ class _TunnelHandler(socketserver.BaseRequestHandler):
       client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
     body = _read_body(client, headers, rest)
     if "//" in url:  # an absolute http:// address (through http_proxy)
-      url = "/" + url.split("//", 1)[1].split("/", 1)[1]
+      parts = urllib.parse.urlsplit(url)
+      url = f"{parts.path}?{parts.query}" if parts.query else parts.path
     if not body and "uploadType=media" in url:
       url, body = _as_multipart(url, headers)
     layout = re.match(r"/storage/v1/b/([^/?]+)/storageLayout", url)
@@ -210,8 +211,8 @@ class TlsProxy(socketserver.ThreadingTCPServer):
 
   def __init__(self, upstream: str, folder: str):
     super().__init__(("127.0.0.1", 0), _TunnelHandler)
-    address = upstream.split("//", 1)[1]
-    self.upstream = (address.rsplit(":", 1)[0], int(address.rsplit(":", 1)[1]))
+    address = urllib.parse.urlsplit(upstream)
+    self.upstream = (address.hostname, address.port)
     authority = trustme.CA()
     self.ca_path = os.path.join(folder, "gcs_test_ca.pem")
     authority.cert_pem.write_to_path(self.ca_path)

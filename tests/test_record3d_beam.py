@@ -13,8 +13,8 @@ import tensorflow_datasets as tfds
 from apache_beam.options.pipeline_options import PipelineOptions
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
-import gcs_server
 
+import gcs_server
 import tfds_record3d
 from launch import gcs_sync
 from tfds_record3d.record3d import record3d_dataset_builder as builder_module
@@ -178,8 +178,7 @@ def test_beam_two_workers_build_from_gs_to_gs(tmp_path, gs_captures, tf_gcs_env,
   gs://, read and written by the workers through TF's client. The files the
   build left in the bucket, downloaded, load as the local in-process build."""
   data_dir = f"{gs_captures}/tfds"
-  result = _tfds_build("pairs", f"{gs_captures}/pairs", data_dir,
-                       tf_gcs_env,
+  result = _tfds_build("pairs", f"{gs_captures}/pairs", data_dir, tf_gcs_env,
                        "runner=DirectRunner,direct_num_workers=2,"
                        "direct_running_mode=multi_processing")
   assert result.returncode == 0, result.stdout + result.stderr

@@ -1,7 +1,8 @@
 """`python -m trainer.main --model_dir=gs://... --cache_dir=gs://...`: the whole
-chain writing its workdir and its tf.data cache to Cloud Storage through TensorFlow's real GCS client (a local
-gcp-storage-emulator behind tests/gcs_server.py's TLS proxy), then a rerun
-that finds the finished work there."""
+chain writing its workdir and its tf.data cache to Cloud Storage through
+TensorFlow's real GCS client (a local gcp-storage-emulator behind
+tests/gcs_server.py's TLS proxy), then a rerun that finds the finished work
+there."""
 
 import json
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import uuid
 
 import pytest
+
 import gcs_server
 
 
@@ -23,7 +25,6 @@ def _train(model_dir, data_dir, env):
   result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900,
                           check=False)
   assert result.returncode == 0, result.stdout + result.stderr[-6000:]
-  return result.stdout + result.stderr
 
 
 @pytest.mark.slow  # subprocesses: TF start-up, the whole chain twice
@@ -36,9 +37,8 @@ def test_main_chain_writes_its_workdir_to_gs_and_resumes_from_it(
   _train(model_dir, data_dir, tf_gcs_env)
   assert set(tf_gcs_proxy.tunnels[tunnels_before:]) == set(gcs_server.GCS_HOSTS)
 
-  client = emulator_client
-  bucket = client.bucket(gcs_server.BUCKET)
-  names = {blob.name[len(run) + 1:] for blob in client.list_blobs(bucket, prefix=run + "/")}
+  bucket = emulator_client.bucket(gcs_server.BUCKET)
+  names = {blob.name[len(run) + 1:] for blob in bucket.list_blobs(prefix=run + "/")}
   # The chain's export is a copy of the finetune export, file by file (a gs://
   # walk names sub-folders "variables/": no "variables//" object may appear).
   for export in ("export", "finetune/export", "rough/export"):
@@ -58,9 +58,10 @@ def test_main_chain_writes_its_workdir_to_gs_and_resumes_from_it(
     assert any(n.startswith(folder + "/") for n in names), sorted(names)
 
   # A rerun reads the finished stages back from the bucket instead of training again.
-  before = {blob.name: blob.generation for blob in client.list_blobs(bucket, prefix=run + "/")
+  def checkpoint_generations():
+    return {blob.name: blob.generation for blob in bucket.list_blobs(prefix=run + "/")
             if "/checkpoints/" in blob.name}
+
+  before = checkpoint_generations()
   _train(model_dir, data_dir, tf_gcs_env)
-  after = {blob.name: blob.generation for blob in client.list_blobs(bucket, prefix=run + "/")
-           if "/checkpoints/" in blob.name}
-  assert before and after == before  # no checkpoint written again
+  assert before and checkpoint_generations() == before  # no checkpoint written again

@@ -12,6 +12,7 @@ Then `trainer.predict` runs on a few test images, as a user would
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tempfile
@@ -103,8 +104,9 @@ def predict_test_images(config: Config, builder, export_dir: str) -> dict:
   base = f"{workdir.root(config)}/predict"
   if tf.io.gfile.exists(f"{base}/outputs"):
     logging.info("replacing this run's earlier predictions in %s/outputs", base)
-  with tempfile.TemporaryDirectory(prefix="depth2d_predict_") as scratch:
-    folder = scratch if workdir.is_remote(base) else base
+  remote = workdir.is_remote(base)
+  with (tempfile.TemporaryDirectory(prefix="depth2d_predict_") if remote
+        else contextlib.nullcontext(base)) as folder:
     inputs_dir, outputs_dir = f"{folder}/inputs", f"{folder}/outputs"
     tf.io.gfile.makedirs(inputs_dir)
     paths = []
@@ -115,7 +117,7 @@ def predict_test_images(config: Config, builder, export_dir: str) -> dict:
       Image.fromarray(example["image"]).save(path)
       paths.append(path)
     outcome = predict.predict_files(export_dir, paths, outputs_dir, overwrite=True)
-    if folder != base:
+    if remote:
       workdir.copy_tree(folder, base)
       logging.info("copied the predictions to %s", base)
       outcome = {base + path[len(folder):]: error for path, error in outcome.items()}
