@@ -67,7 +67,8 @@ def test_benchmark_reports_every_figure(tiny_record3d, tmp_path):
   assert pipeline["seed_loader_examples"] == 8 and pipeline["tfdata_steady_examples"] == 6
   # Two alternating rounds; the figures are their medians.
   assert pipeline["rounds"] == 2
-  for key in ("tfdata_first_pass_examples_per_s", "seed_loader_examples_per_s"):
+  for key in ("tfdata_first_pass_examples_per_s", "seed_loader_examples_per_s",
+              "tfdata_first_pass_augment_on_device_examples_per_s"):
     rounds = pipeline[key + "_rounds"]
     assert len(rounds) == 2 and pipeline[key] == pytest.approx(statistics.median(rounds))
 
@@ -114,6 +115,12 @@ def test_benchmark_reports_every_figure(tiny_record3d, tmp_path):
     ratios = [a / b for a, b in zip(q["tfdata_first_pass_examples_per_s_rounds"],
                                     q["seed_loader_examples_per_s_rounds"])]
     assert q["ratio_first_pass"] == pytest.approx(statistics.median(ratios))
+    # The same first pass with the augmentation left to the train step.
+    device = q["tfdata_first_pass_augment_on_device_examples_per_s_rounds"]
+    assert len(device) == 2
+    _positive(q["tfdata_first_pass_augment_on_device_examples_per_s"], "on device")
+    assert q["ratio_first_pass_augment_on_device"] == pytest.approx(statistics.median(
+        a / b for a, b in zip(device, q["seed_loader_examples_per_s_rounds"])))
     for key in ("tfdata_first_pass_cpu_ms_per_example", "tfdata_first_pass_cores_busy",
                 "seed_loader_ms_per_example", "cpu_ms_per_example_for_3x"):
       _positive(q[key], key)
@@ -136,11 +143,12 @@ def test_benchmark_reports_every_figure(tiny_record3d, tmp_path):
   assert real["png"]["stored"] == "png" and real["png"]["image_size"] == [16, 12]
 
   names = [t["name"] for t in result["targets"]]
-  assert len(names) == 12 and all(isinstance(t["met"], bool) for t in result["targets"])
+  assert len(names) == 14 and all(isinstance(t["met"], bool) for t in result["targets"])
   # The printed report carries the same figures.
   for heading in ("Input pipeline", "Train step", "FLOPs per example", "Default configuration",
                   "Equal wall-clock budget", "Real size", "first pass vs training",
-                  "CPU ms/example for 3x", "Where the first pass goes", "Targets"):
+                  "CPU ms/example for 3x", "Where the first pass goes", "Targets",
+                  "augmentation in the train step (--augment_on=device)"):
     assert heading in proc.stdout
 
 

@@ -14,6 +14,7 @@ from absl import flags
 from tfds_record3d.sizes import parse_image_size  # noqa: F401  (trainer.config.parse_image_size)
 
 # The choice lists live with what they choose; the flags take them from there.
+from trainer import augmentation
 from trainer import backbones
 from trainer import checkpoints
 from trainer import depth_ops
@@ -41,6 +42,7 @@ class Config:
   min_depth: float = 0.1
   max_depth: float = 10.0
   augment: bool = True
+  augment_on: str = "auto"  # resolved per process: augmentation.resolve_place
   shuffle_buffer: int = 256
   cache_dir: Optional[str] = None  # None: in memory when the split fits, else no cache
   jpeg_reduced_decode: bool = False
@@ -119,6 +121,8 @@ RESUMABLE_FIELDS = frozenset({
     "num_image_summaries", "strategy", "num_devices", "tpu", "mixed_precision",
     "num_predict_images", "config_mismatch", "rebuild_dataset", "eval_min_confidence",
     "export", "tflite", "tflite_input_size", "tflite_calibration_examples", "cache_dir",
+    # Where the augmentation runs: the same training tensors either way (to float rounding).
+    "augment_on",
     # Only read when a stage starts from nothing: a resumed run ignores them.
     "init_from", "init_from_stages",
 })
@@ -180,6 +184,11 @@ def define_flags() -> None:
                    "The same for the metrics only (default: --min_confidence), so runs "
                    "trained with different masks are scored alike.")
   f.DEFINE_bool("augment", default.augment, "Horizontal flip and colour jitter on training examples.")
+  f.DEFINE_enum("augment_on", default.augment_on, augmentation.PLACES,
+                "Where --augment runs: host (the input pipeline, per example), device (the "
+                "train step, per batch, on the accelerator: the host CPU only decodes), or "
+                "auto: device when this process sees a GPU or TPU, else host. Same training "
+                "tensors either way, to float rounding.")
   f.DEFINE_string("cache_dir", default.cache_dir,
                   "Cache the decoded, resized training split in files here (for splits that do "
                   "not fit in memory; by default a split that fits is cached in memory). One "

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from trainer import augmentation
 from trainer import datasets
 from trainer import depth_ops
 from trainer import preprocessing
@@ -171,20 +172,9 @@ def with_target(features: dict, stage: str) -> dict:
 
 
 def augment(image: tf.Tensor, depth: tf.Tensor, seed: tf.Tensor):
-  """Geometry-preserving augmentation: the flip moves depth with the image; the
-  colour jitter touches only RGB (brightness is kept mild because shading is a
-  depth cue)."""
-  seeds = tf.random.experimental.stateless_split(seed, num=4)
-  flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
-  # tf.reverse, not image[:, ::-1]: the same values, but a StridedSlice with a
-  # negative stride was measured 5x slower (1.7 vs 0.33 ms for both at 192x144).
-  # One cond for both.
-  image, depth = tf.cond(flip, lambda: (tf.reverse(image, axis=[1]), tf.reverse(depth, axis=[1])),
-                         lambda: (image, depth))
-  image = tf.image.stateless_random_brightness(image, 0.05, seeds[1])
-  image = tf.image.stateless_random_contrast(image, 0.85, 1.15, seeds[2])
-  image = tf.image.stateless_random_saturation(image, 0.85, 1.15, seeds[3])
-  return tf.clip_by_value(image, 0.0, 1.0), depth
+  """Geometry-preserving augmentation on the host, per example: the flip moves
+  depth with the image; the colour jitter touches only RGB (augmentation.py)."""
+  return augmentation.apply_to_example(image, depth, augmentation.draw(seed))
 
 
 def make_target(depth: tf.Tensor, mask: tf.Tensor, stage: str) -> dict:
@@ -245,6 +235,10 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
                   split: str = "train", cache_dir: Optional[str] = None) -> tf.data.Dataset:
   """Infinite, shuffled, augmented, batched (drop_remainder: static shapes for TPU).
 
+  With --augment_on resolving to device, the batches are not augmented yet:
+  they carry the draws as batch[augmentation.PARAMS] [B,4], which the train
+  step applies (train.make_train_loop).
+
   cache_dir: a folder (local or gs://) for a `tf.data` file cache of the
     decoded, resized split: for splits too big for memory, or to skip decoding
     in later runs (disk_cache_path); None: --cache_dir (config.cache_dir),
@@ -273,8 +267,15 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   # One stateless seed per example, different on every worker and every epoch.
   seeds = tf.data.Dataset.random(seed=config.seed + 1000 * pipeline_id).batch(2)
   ds = tf.data.Dataset.zip(ds, seeds)
-  ds = ds.map(lambda resized, seed: augmented_example(resized, config.augment, seed),
-              num_parallel_calls=AUTOTUNE)
+  if config.augment and augmentation.resolve_place(config.augment_on) == "device":
+    # Only the draws [4] travel with each example; the train step applies them
+    # per batch on the accelerator (augmentation.apply_to_batch).
+    ds = ds.map(lambda resized, seed: {**augmented_example(resized, False),
+                                       augmentation.PARAMS: augmentation.draw(seed)},
+                num_parallel_calls=AUTOTUNE)
+  else:
+    ds = ds.map(lambda resized, seed: augmented_example(resized, config.augment, seed),
+                num_parallel_calls=AUTOTUNE)
   ds = ds.batch(_per_replica_batch(config, input_context), drop_remainder=True)
   # The target (Sobel for the gradient stage) once per batch: finish_example's
   # values exactly (elementwise ops over 8x the pixels), ~1/8 of the op calls.

@@ -19,6 +19,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from trainer import augmentation
 from trainer import backbones
 from trainer import checkpoints
 from trainer import distribute
@@ -132,7 +133,8 @@ def make_train_loop(strategy: tf.distribute.Strategy, model: keras.Model,
   step with XLA (the benchmark measures it; Keras' own "auto" leaves XLA off
   under a strategy). `train_encoder=False` leaves a backbone's encoder out of
   the update (--freeze_encoder_steps); `encoder_optimizer` updates the encoder
-  at its own rate (--encoder_learning_rate_multiplier).
+  at its own rate (--encoder_learning_rate_multiplier). A batch carrying
+  augmentation draws (--augment_on=device) is augmented first, in the step.
   """
   encoder_ids = {id(v) for v in models.encoder_variables(model)}
   rest = [v for v in model.trainable_variables if id(v) not in encoder_ids]
@@ -144,6 +146,8 @@ def make_train_loop(strategy: tf.distribute.Strategy, model: keras.Model,
   variables = [v for _, group in groups for v in group]
 
   def step_fn(batch):
+    if augmentation.PARAMS in batch:  # --augment_on=device: here, on the accelerator
+      batch = augmentation.apply_to_batch(batch)
     with tf.GradientTape() as tape:
       prediction = model(batch["image"], training=True)
       per_example = loss_fn(batch["target"], prediction, batch["target_mask"])

@@ -24,6 +24,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from trainer import augmentation
 from trainer import config as config_lib
 from trainer import datasets
 from trainer import distribute
@@ -186,6 +187,9 @@ def setup_run(config: "Config", train_stages=(), preflight=None) -> Run:
         config.global_batch_size, per_replica, config.train_steps,
         config.train_steps * config.global_batch_size / max(1, num_train), num_train,
         *config.image_size, config.architecture)
+    if config.augment:
+      logging.info("augmentation (flip, colour jitter): on the %s (--augment_on=%s)",
+                   augmentation.resolve_place(config.augment_on), config.augment_on)
     if is_chief:
       write_config(config, changes)
   except BaseException:

@@ -1,0 +1,111 @@
+"""Augmentation on the host (per example) and on the accelerator (per batch,
+in the train step) give the same training tensors; the train step applies
+the draws a batch carries."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import augmentation
+from trainer import datasets
+from trainer import input_pipeline
+from trainer import train
+
+TOLERANCE = 1e-6  # float rounding: the closed-form saturation, the flipped Sobel's sums
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.5, 0.85, 1.0, 1.15, 2.0, 10.0])
+def test_closed_form_saturation_equals_adjust_saturation(factor):
+  rng = np.random.default_rng(int(factor * 100))
+  images = rng.uniform(-0.2, 1.2, (4, 9, 7, 3)).astype(np.float32)  # jitter overshoots [0, 1]
+  images[1] = 0.5  # grey
+  images[2] = -np.abs(images[2])  # V <= 0
+  images[3, :3, :3] = [0.3, 0.3, 0.9]  # two channels at the minimum
+  ours = augmentation.saturate(tf.constant(images), tf.fill([4, 1, 1, 1], factor))
+  reference = np.stack([tf.image.adjust_saturation(image, factor) for image in images])
+  np.testing.assert_allclose(ours, reference, rtol=0, atol=TOLERANCE)
+
+
+def test_draws_are_what_tf_image_stateless_random_draws():
+  """apply_to_example(draw(seed)) is the chain of tf.image's stateless random
+  ops on the same split seeds, value for value."""
+  rng = np.random.default_rng(1)
+  image = tf.constant(rng.random((12, 10, 3)).astype(np.float32))
+  depth = tf.constant(rng.random((12, 10, 1)).astype(np.float32))
+  flips = set()
+  for s in range(12):
+    seed = tf.constant([s, 3], tf.int64)
+    seeds = tf.random.experimental.stateless_split(seed, num=4)
+    flip = bool(tf.random.stateless_uniform([], seeds[0]) < 0.5)
+    flips.add(flip)
+    expected = tf.reverse(image, axis=[1]) if flip else image
+    expected = tf.image.stateless_random_brightness(expected, 0.05, seeds[1])
+    expected = tf.image.stateless_random_contrast(expected, 0.85, 1.15, seeds[2])
+    expected = tf.image.stateless_random_saturation(expected, 0.85, 1.15, seeds[3])
+    ours, ours_depth = augmentation.apply_to_example(image, depth, augmentation.draw(seed))
+    np.testing.assert_array_equal(ours, tf.clip_by_value(expected, 0.0, 1.0))
+    np.testing.assert_array_equal(ours_depth, depth.numpy()[:, ::-1] if flip else depth)
+  assert flips == {True, False}
+
+
+@pytest.mark.parametrize("stage", ["gradient", "rough"])
+def test_device_batches_equal_host_batches(make_config, tmp_path, stage):
+  """train_dataset with --augment_on=device, then apply_to_batch (what the
+  train step does), equals train_dataset with --augment_on=host."""
+  host = make_config(tmp_path, shuffle_buffer=4, augment_on="host")
+  device = dataclasses.replace(host, augment_on="device")
+  builder = datasets.get_builder(host.dataset, host.data_dir)
+  host_batches = list(input_pipeline.train_dataset(host, stage, builder).take(4)
+                      .as_numpy_iterator())
+  device_batches = list(input_pipeline.train_dataset(device, stage, builder).take(4))
+  assert augmentation.PARAMS not in host_batches[0]
+  assert device_batches[0][augmentation.PARAMS].shape == (host.global_batch_size, 4)
+  flips = np.concatenate([b[augmentation.PARAMS][:, 0] for b in device_batches])
+  assert 0 < flips.sum() < flips.size  # some flipped, some not: both paths are checked
+  for ours, reference in zip(device_batches, host_batches):
+    ours = augmentation.apply_to_batch(ours)
+    assert sorted(ours) == sorted(reference)
+    for key in reference:
+      np.testing.assert_allclose(ours[key], reference[key], rtol=0, atol=TOLERANCE,
+                                 err_msg=key)
+
+
+def test_train_step_applies_the_draws_a_batch_carries(make_config, tmp_path):
+  """The loss of the real train step on a batch with draws equals its loss on
+  the host-augmented batch (learning rate 0: the same weights see both), and
+  differs from the loss on the batch left unaugmented."""
+  config = make_config(tmp_path, stage="rough", architecture="unet")
+  strategy = tf.distribute.get_strategy()
+  model, _, _ = train.build_model_and_optimizer(config, "rough", strategy, "float32")
+  loop = train.make_train_loop(strategy, model, keras.optimizers.SGD(learning_rate=0.0),
+                               train.stage_loss(config, "rough"), config.global_batch_size)
+  builder = datasets.get_builder(config.dataset, config.data_dir)
+  batch = next(iter(input_pipeline.train_dataset(
+      dataclasses.replace(config, augment_on="device"), "rough", builder)))
+  params = np.array([[1.0, 0.05, 1.15, 0.85]] * config.global_batch_size, np.float32)
+  with_draws = {**batch, augmentation.PARAMS: tf.constant(params)}
+  host = {k: [] for k in ("image", "depth")}
+  for i in range(config.global_batch_size):
+    image, depth = augmentation.apply_to_example(batch["image"][i], batch["depth"][i],
+                                                 tf.constant(params[i]))
+    host["image"].append(image)
+    host["depth"].append(depth)
+  host = {**{k: v for k, v in batch.items() if k != augmentation.PARAMS},
+          "image": tf.stack(host["image"]), "depth": tf.stack(host["depth"])}
+  host.update(input_pipeline.make_target(host["depth"], tf.reverse(batch["mask"], [2]), "rough"))
+  plain = {k: v for k, v in batch.items() if k != augmentation.PARAMS}
+  loss = lambda b: float(loop(iter(tf.data.Dataset.from_tensors(b).repeat()), tf.constant(1)))
+  device_loss, host_loss, plain_loss = loss(with_draws), loss(host), loss(plain)
+  assert device_loss == pytest.approx(host_loss, rel=1e-5)
+  assert abs(device_loss - plain_loss) > 1e-4 * abs(plain_loss)
+
+
+def test_auto_is_host_without_an_accelerator_and_bad_names_are_refused():
+  assert not tf.config.list_logical_devices("GPU") and not tf.config.list_logical_devices("TPU")
+  assert augmentation.resolve_place("auto") == "host"
+  assert augmentation.resolve_place("device") == "device"
+  with pytest.raises(ValueError, match="--augment_on='gpu'"):
+    augmentation.resolve_place("gpu")
