@@ -87,16 +87,13 @@ def test_train_step_applies_the_draws_a_batch_carries(make_config, tmp_path):
       dataclasses.replace(config, augment_on="device"), "rough", builder)))
   params = np.array([[1.0, 0.05, 1.15, 0.85]] * config.global_batch_size, np.float32)
   with_draws = {**batch, augmentation.PARAMS: tf.constant(params)}
-  host = {k: [] for k in ("image", "depth")}
-  for i in range(config.global_batch_size):
-    image, depth = augmentation.apply_to_example(batch["image"][i], batch["depth"][i],
-                                                 tf.constant(params[i]))
-    host["image"].append(image)
-    host["depth"].append(depth)
-  host = {**{k: v for k, v in batch.items() if k != augmentation.PARAMS},
-          "image": tf.stack(host["image"]), "depth": tf.stack(host["depth"])}
-  host.update(input_pipeline.make_target(host["depth"], tf.reverse(batch["mask"], [2]), "rough"))
   plain = {k: v for k, v in batch.items() if k != augmentation.PARAMS}
+  images, depths = zip(*(augmentation.apply_to_example(plain["image"][i], plain["depth"][i],
+                                                       tf.constant(params[i]))
+                         for i in range(config.global_batch_size)))
+  mask = tf.reverse(plain["mask"], [2])  # every draw flips
+  host = {**plain, "image": tf.stack(images), "depth": tf.stack(depths), "mask": mask}
+  host.update(input_pipeline.make_target(host["depth"], mask, "rough"))
   loss = lambda b: float(loop(iter(tf.data.Dataset.from_tensors(b).repeat()), tf.constant(1)))
   device_loss, host_loss, plain_loss = loss(with_draws), loss(host), loss(plain)
   assert device_loss == pytest.approx(host_loss, rel=1e-5)

@@ -112,16 +112,17 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from trainer import config as config_lib, train, workdir
     data_dir, out = sys.argv[1], sys.argv[2]
-    # argv[4] "device": augmentation on, on the host for one device and in the
+    # argv[4] "augment": augmentation on, on the host for one device and in the
     # mirrored train step (the same draws, so the same first step).
-    augment = sys.argv[4] == "device"
-    for strategy, devices, place in (("one_device", None, "host"), ("mirrored", 2, sys.argv[4])):
+    augment = sys.argv[4] == "augment"
+    for strategy, devices, place in (("one_device", None, "host"), ("mirrored", 2, "device")):
       config = config_lib.Config(
           model_dir=f"{out}/{strategy}", dataset="record3d/pairs", data_dir=data_dir,
           image_size=(32, 24), global_batch_size=4, train_steps=1, steps_per_loop=1,
           log_every_steps=1, checkpoint_every_steps=1, warmup_steps=0, lr_schedule="constant",
           learning_rate=2e-3,
-          augment=augment, augment_on="host" if place == "none" else place, shuffle_buffer=1, stage="rough", mode="train", strategy=strategy,
+          augment=augment, augment_on=place, shuffle_buffer=1, stage="rough", mode="train",
+          strategy=strategy,
           num_devices=devices, mixed_precision="float32", architecture=sys.argv[3])
       # The real loop of the stage, set up as stages.train_and_evaluate does; its
       # SavedModel exports (not compared here) are left out.
@@ -134,12 +135,12 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("architecture,augment_on", [("unet", "device"), ("seed", "none")])
+@pytest.mark.parametrize("architecture,augment", [("unet", "augment"), ("seed", "noaugment")])
 def test_mirrored_two_replicas_first_step_equals_one_device(tiny_record3d, tmp_path, architecture,
-                                                            augment_on, subprocess_env):
+                                                            augment, subprocess_env):
   data_dir, _ = tiny_record3d
   proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, data_dir, str(tmp_path),
-                         architecture, augment_on],
+                         architecture, augment],
                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -267,15 +267,14 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   # One stateless seed per example, different on every worker and every epoch.
   seeds = tf.data.Dataset.random(seed=config.seed + 1000 * pipeline_id).batch(2)
   ds = tf.data.Dataset.zip(ds, seeds)
-  if config.augment and augmentation.resolve_place(config.augment_on) == "device":
-    # Only the draws [4] travel with each example; the train step applies them
-    # per batch on the accelerator (augmentation.apply_to_batch).
-    ds = ds.map(lambda resized, seed: {**augmented_example(resized, False),
-                                       augmentation.PARAMS: augmentation.draw(seed)},
-                num_parallel_calls=AUTOTUNE)
-  else:
-    ds = ds.map(lambda resized, seed: augmented_example(resized, config.augment, seed),
-                num_parallel_calls=AUTOTUNE)
+  on_device = config.augment and augmentation.resolve_place(config.augment_on) == "device"
+
+  def augmented_or_drawn(resized, seed):
+    if on_device:  # only the draws [4] travel; the train step applies them per batch
+      return {**augmented_example(resized, False), augmentation.PARAMS: augmentation.draw(seed)}
+    return augmented_example(resized, config.augment, seed)
+
+  ds = ds.map(augmented_or_drawn, num_parallel_calls=AUTOTUNE)
   ds = ds.batch(_per_replica_batch(config, input_context), drop_remainder=True)
   # The target (Sobel for the gradient stage) once per batch: finish_example's
   # values exactly (elementwise ops over 8x the pixels), ~1/8 of the op calls.
