@@ -53,8 +53,9 @@ def test_draws_are_what_tf_image_stateless_random_draws():
 
 @pytest.mark.parametrize("stage", ["gradient", "rough"])
 def test_device_batches_equal_host_batches(make_config, tmp_path, stage):
-  """train_dataset with --augment_on=device, then apply_to_batch (what the
-  train step does), equals train_dataset with --augment_on=host."""
+  """train_dataset with --augment_on=device, then finish_batch (what the
+  train step does: augmentation, mask, target), equals train_dataset with
+  --augment_on=host."""
   host = make_config(tmp_path, shuffle_buffer=4, augment_on="host")
   device = dataclasses.replace(host, augment_on="device")
   builder = datasets.get_builder(host.dataset, host.data_dir)
@@ -62,38 +63,43 @@ def test_device_batches_equal_host_batches(make_config, tmp_path, stage):
                       .as_numpy_iterator())
   device_batches = list(input_pipeline.train_dataset(device, stage, builder).take(4))
   assert augmentation.PARAMS not in host_batches[0]
+  # The host's CPU only decodes and resizes: no mask, no target yet.
+  assert sorted(device_batches[0]) == sorted(["image", "depth", augmentation.PARAMS])
   assert device_batches[0][augmentation.PARAMS].shape == (host.global_batch_size, 4)
   flips = np.concatenate([b[augmentation.PARAMS][:, 0] for b in device_batches])
   assert 0 < flips.sum() < flips.size  # some flipped, some not: both paths are checked
   for ours, reference in zip(device_batches, host_batches):
-    ours = augmentation.apply_to_batch(ours)
+    ours = input_pipeline.finish_batch(ours, stage)
     assert sorted(ours) == sorted(reference)
     for key in reference:
       np.testing.assert_allclose(ours[key], reference[key], rtol=0, atol=TOLERANCE,
                                  err_msg=key)
 
 
-def test_train_step_applies_the_draws_a_batch_carries(make_config, tmp_path):
+@pytest.mark.parametrize("stage", ["gradient", "rough"])
+def test_train_step_finishes_the_batches_that_carry_draws(make_config, tmp_path, stage):
   """The loss of the real train step on a batch with draws equals its loss on
-  the host-augmented batch (learning rate 0: the same weights see both), and
-  differs from the loss on the batch left unaugmented."""
-  config = make_config(tmp_path, stage="rough", architecture="unet")
+  the host-finished batch (augmented per example, then mask and the stage's
+  target; learning rate 0: the same weights see both), and differs from the
+  loss on the batch finished without augmentation."""
+  config = make_config(tmp_path, stage=stage, architecture="unet")
   strategy = tf.distribute.get_strategy()
-  model, _, _ = train.build_model_and_optimizer(config, "rough", strategy, "float32")
+  model, _, _ = train.build_model_and_optimizer(config, stage, strategy, "float32")
   loop = train.make_train_loop(strategy, model, keras.optimizers.SGD(learning_rate=0.0),
-                               train.stage_loss(config, "rough"), config.global_batch_size)
+                               train.stage_loss(config, stage), config.global_batch_size,
+                               stage)
   builder = datasets.get_builder(config.dataset, config.data_dir)
   batch = next(iter(input_pipeline.train_dataset(
-      dataclasses.replace(config, augment_on="device"), "rough", builder)))
+      dataclasses.replace(config, augment_on="device"), stage, builder)))
   params = np.array([[1.0, 0.05, 1.15, 0.85]] * config.global_batch_size, np.float32)
   with_draws = {**batch, augmentation.PARAMS: tf.constant(params)}
-  plain = {k: v for k, v in batch.items() if k != augmentation.PARAMS}
-  images, depths = zip(*(augmentation.apply_to_example(plain["image"][i], plain["depth"][i],
+  resized = {k: v for k, v in batch.items() if k != augmentation.PARAMS}
+  images, depths = zip(*(augmentation.apply_to_example(resized["image"][i], resized["depth"][i],
                                                        tf.constant(params[i]))
                          for i in range(config.global_batch_size)))
-  mask = tf.reverse(plain["mask"], [2])  # every draw flips
-  host = {**plain, "image": tf.stack(images), "depth": tf.stack(depths), "mask": mask}
-  host.update(input_pipeline.make_target(host["depth"], mask, "rough"))
+  finish = lambda features: input_pipeline.with_target(input_pipeline.with_mask(features), stage)
+  host = finish({"image": tf.stack(images), "depth": tf.stack(depths)})
+  plain = finish(resized)
   loss = lambda b: float(loop(iter(tf.data.Dataset.from_tensors(b).repeat()), tf.constant(1)))
   device_loss, host_loss, plain_loss = loss(with_draws), loss(host), loss(plain)
   assert device_loss == pytest.approx(host_loss, rel=1e-5)

@@ -151,7 +151,7 @@ def test_frozen_train_loop_leaves_the_encoder_alone(make_config, tmp_path):
   builder = datasets.get_builder(config.dataset, config.data_dir)
   batch = next(iter(input_pipeline.train_dataset(config, "rough", builder)))
   loop = train.make_train_loop(strategy, model, optimizer, train.stage_loss(config, "rough"),
-                               config.global_batch_size, train_encoder=False)
+                               config.global_batch_size, "rough", train_encoder=False)
   encoder = models.encoder_variables(model)
   before = [v.numpy() for v in encoder]
   decoder_before = model.get_layer("output_padded").kernel.numpy()

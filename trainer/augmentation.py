@@ -9,7 +9,9 @@ contrast factor, saturation factor). They are applied either
 - on the accelerator, per batch, at the start of the train step
   (`apply_to_batch`, elementwise ops XLA compiles for TPU and GPU): the
   pipeline then only carries the draws, `PARAMS` [B, 4] float32, and the host
-  CPU is left to decoding. The saturation is written in closed form there.
+  CPU is left to decoding and resizing (the step also makes the mask and the
+  target there: input_pipeline.finish_batch). The saturation is written in
+  closed form there.
 
 Both give the same training tensors to float rounding (tests/test_augmentation.py).
 --augment_on=auto picks the accelerator when this process sees a GPU or TPU,
@@ -71,9 +73,9 @@ def apply_to_batch(batch: dict) -> dict:
   """Accelerator: a training batch with its draws batch[PARAMS] [B,4] -> the
   batch as apply_to_example per example would have made it (without PARAMS).
 
-  The flip moves every [B,H,W,C] map (image, depth, mask, the target and its
-  mask: the Sobel magnitude of a mirrored map is the mirrored magnitude); the
-  jitter touches only the image.
+  The flip moves every [B,H,W,C] map the batch carries (image and depth from
+  train_dataset; a mask or a target too, if present: the Sobel magnitude of a
+  mirrored map is the mirrored magnitude); the jitter touches only the image.
   """
   params = batch[PARAMS]
   per_image = lambda column: tf.reshape(params[:, column], [-1, 1, 1, 1])  # [B,1,1,1]

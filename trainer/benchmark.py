@@ -248,7 +248,7 @@ def measure_tf_data(config: Config, builder, num_batches: int, threads: int = 0)
     progress.update(i + 1)
   # Batches come from the prefetch buffer as tensors; touch the last one so any
   # lazily finished work is inside the timing.
-  element["target"].numpy()
+  element["depth"].numpy()
   steady_seconds = time.perf_counter() - start
   return {**first, "steady_examples_per_s": num_batches * batch / steady_seconds,
           "steady_examples": num_batches * batch}
@@ -264,11 +264,15 @@ def first_pass_rounds(config: Config, builder, files, rounds: int, steady_batche
   ratios (each round's pair ran back to back). The steady state is measured
   once, after the last round's all-core first pass. With augmentation on,
   each round also times the first pass with --augment_on=device (the host
-  only draws the augmentation; the train step applies it)."""
+  decodes, resizes and draws the augmentation; the train step applies it and
+  makes the mask and the target)."""
   all_cores, single, pil, on_device = [], [], [], []
   # The host's share when the augmentation runs in the train step (what
-  # --augment_on=auto does with a GPU or TPU): decode, resize, draws, Sobel.
+  # --augment_on=auto does with a GPU or TPU): decode, resize, draws; the step
+  # makes the mask and the Sobel target. The other runs augment on the host,
+  # whatever this machine has.
   device_config = dataclasses.replace(config, augment_on="device")
+  config = dataclasses.replace(config, augment_on="host")
   for index in range(rounds):
     last = index == rounds - 1
     all_cores.append(measure_tf_data(config, builder, steady_batches if last else 0))
@@ -561,7 +565,8 @@ def measure_train_step(config: Config, builder, strategy, policy: str, steps: in
       config, STAGE_TIMED, strategy, policy)
   train_loop = train.make_train_loop(strategy, model, optimizer,
                                      train.stage_loss(config, STAGE_TIMED),
-                                     config.global_batch_size, jit_compile=jit_compile,
+                                     config.global_batch_size, STAGE_TIMED,
+                                     jit_compile=jit_compile,
                                      encoder_optimizer=encoder_optimizer)
   # The batch is repeated from memory, so the timing holds the step alone.
   dataset = strategy.distribute_datasets_from_function(

@@ -162,7 +162,21 @@ def augmented_example(resized: dict, augment_it: bool, seed: Optional[tf.Tensor]
   image, depth = resized["image"], resized["depth"]
   if augment_it:
     image, depth = augment(image, depth, seed)
-  return {"image": image, "depth": depth, "mask": tf.cast(depth > 0, tf.float32)}
+  return with_mask({"image": image, "depth": depth})
+
+
+def with_mask(features: dict) -> dict:
+  """features + mask (1 where depth is valid, > 0), per example or per batch."""
+  return {**features, "mask": tf.cast(features["depth"] > 0, tf.float32)}
+
+
+def finish_batch(batch: dict, stage: str) -> dict:
+  """--augment_on=device, in the train step: a batch of resized {image, depth}
+  [B,H,W,C] with its draws batch[augmentation.PARAMS] [B,4] -> the training
+  batch the host path makes (finish_example per example, the target per
+  batch): augmentation, mask and the stage's target, all per batch here, so
+  the host's CPU only decodes and resizes."""
+  return with_target(with_mask(augmentation.apply_to_batch(batch)), stage)
 
 
 def with_target(features: dict, stage: str) -> dict:
@@ -235,9 +249,10 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
                   split: str = "train", cache_dir: Optional[str] = None) -> tf.data.Dataset:
   """Infinite, shuffled, augmented, batched (drop_remainder: static shapes for TPU).
 
-  With --augment_on resolving to device, the batches are not augmented yet:
-  they carry the draws as batch[augmentation.PARAMS] [B,4], which the train
-  step applies (train.make_train_loop).
+  With --augment_on resolving to device, the batches are only resized
+  {image, depth} and the draws batch[augmentation.PARAMS] [B,4]: the train step
+  augments them and adds the mask and the target (finish_batch, called by
+  train.make_train_loop).
 
   cache_dir: a folder (local or gs://) for a `tf.data` file cache of the
     decoded, resized split: for splits too big for memory, or to skip decoding
@@ -270,15 +285,16 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   on_device = config.augment and augmentation.resolve_place(config.augment_on) == "device"
 
   def augmented_or_drawn(resized, seed):
-    if on_device:  # only the draws [4] travel; the train step applies them per batch
-      return {**augmented_example(resized, False), augmentation.PARAMS: augmentation.draw(seed)}
+    if on_device:  # only the draws [4] join the resized example: finish_batch in the step
+      return {**resized, augmentation.PARAMS: augmentation.draw(seed)}
     return augmented_example(resized, config.augment, seed)
 
   ds = ds.map(augmented_or_drawn, num_parallel_calls=AUTOTUNE)
   ds = ds.batch(_per_replica_batch(config, input_context), drop_remainder=True)
-  # The target (Sobel for the gradient stage) once per batch: finish_example's
-  # values exactly (elementwise ops over 8x the pixels), ~1/8 of the op calls.
-  ds = ds.map(lambda batch: with_target(batch, stage), num_parallel_calls=AUTOTUNE)
+  if not on_device:
+    # The target (Sobel for the gradient stage) once per batch: finish_example's
+    # values exactly (elementwise ops over 8x the pixels), ~1/8 of the op calls.
+    ds = ds.map(lambda batch: with_target(batch, stage), num_parallel_calls=AUTOTUNE)
   return ds.prefetch(AUTOTUNE)
 
 

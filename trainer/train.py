@@ -122,7 +122,7 @@ def build_model_and_optimizer(config: "Config", stage: str, strategy: tf.distrib
 
 def make_train_loop(strategy: tf.distribute.Strategy, model: keras.Model,
                     optimizer: keras.optimizers.Optimizer, loss_fn, global_batch_size: int,
-                    jit_compile: bool = False, encoder_optimizer=None,
+                    stage: str, jit_compile: bool = False, encoder_optimizer=None,
                     train_encoder: bool = True):
   """`train_loop(iterator, num_steps) -> mean loss`: the distributed train step,
   `num_steps` of them per tf.function call (host round trips are costly on TPU).
@@ -134,7 +134,8 @@ def make_train_loop(strategy: tf.distribute.Strategy, model: keras.Model,
   under a strategy). `train_encoder=False` leaves a backbone's encoder out of
   the update (--freeze_encoder_steps); `encoder_optimizer` updates the encoder
   at its own rate (--encoder_learning_rate_multiplier). A batch carrying
-  augmentation draws (--augment_on=device) is augmented first, in the step.
+  augmentation draws (--augment_on=device) is finished first, in the step:
+  augmented, masked and given `stage`'s target (input_pipeline.finish_batch).
   """
   encoder_ids = {id(v) for v in models.encoder_variables(model)}
   rest = [v for v in model.trainable_variables if id(v) not in encoder_ids]
@@ -147,7 +148,7 @@ def make_train_loop(strategy: tf.distribute.Strategy, model: keras.Model,
 
   def step_fn(batch):
     if augmentation.PARAMS in batch:  # --augment_on=device: here, on the accelerator
-      batch = augmentation.apply_to_batch(batch)
+      batch = input_pipeline.finish_batch(batch, stage)
     with tf.GradientTape() as tape:
       prediction = model(batch["image"], training=True)
       per_example = loss_fn(batch["target"], prediction, batch["target_mask"])
@@ -270,7 +271,7 @@ def train_stage(run: "Run", stage: str) -> StageResult:
         logging.info("%s: the encoder stays fixed until step %d (--freeze_encoder_steps)",
                      stage, config.freeze_encoder_steps)
       loops[train_encoder] = make_train_loop(strategy, model, optimizer, loss_fn, global_batch,
-                                             encoder_optimizer=encoder_optimizer,
+                                             stage, encoder_optimizer=encoder_optimizer,
                                              train_encoder=train_encoder)
     return loops[train_encoder]
 
