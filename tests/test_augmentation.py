@@ -97,7 +97,8 @@ def test_train_step_finishes_the_batches_that_carry_draws(make_config, tmp_path,
   images, depths = zip(*(augmentation.apply_to_example(resized["image"][i], resized["depth"][i],
                                                        tf.constant(params[i]))
                          for i in range(config.global_batch_size)))
-  finish = lambda features: input_pipeline.with_target(input_pipeline.with_mask(features), stage)
+  # The host path's finish (mask, target) on whole batches, augmentation off.
+  finish = lambda features: input_pipeline.finish_example(features, stage, augment_it=False)
   host = finish({"image": tf.stack(images), "depth": tf.stack(depths)})
   plain = finish(resized)
   loss = lambda b: float(loop(iter(tf.data.Dataset.from_tensors(b).repeat()), tf.constant(1)))
