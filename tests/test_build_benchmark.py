@@ -28,13 +28,18 @@ def test_build_benchmark_reports_every_figure(tmp_path):
   out = tmp_path / "build.json"
   # beam_memory: Beam's own writer and the Beam path of the builder, in this
   # process (the multi-process runner is the same code plus worker start-up).
-  proc = _run([*TINY, "--modes=in_process,beam_memory", f"--workdir={tmp_path / 'w'}",
-               f"--json={out}"])
+  # Two rounds, one with TFDS' unordered writer: what the README's table runs
+  # with worker processes.
+  proc = _run([*TINY, "--modes=in_process,beam_memory_unordered", "--rounds=2",
+               "--num_shards=2", f"--workdir={tmp_path / 'w'}", f"--json={out}"])
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(out.read_text())
   assert result["frames"] == 20 and result["captures"] == 2
   assert result["check"]["seconds"] > 0 and result["check"]["frames_per_s"] > 0
-  assert [b["mode"] for b in result["builds"]] == ["in_process", "beam_memory"]
+  assert [(b["mode"], b["round"]) for b in result["builds"]] == [
+      ("in_process", 1), ("beam_memory_unordered", 1), ("in_process", 2),
+      ("beam_memory_unordered", 2)]
+  assert [b["unordered"] for b in result["builds"]] == [False, True, False, True]
   for build in result["builds"]:
     assert build["frames"] == 20 and build["lost"] is None, build  # the builder checks too
     for key in ("seconds", "frames_per_s", "cpu_seconds", "launcher_cpu_seconds",
@@ -45,9 +50,14 @@ def test_build_benchmark_reports_every_figure(tmp_path):
     assert build["frames_per_s"] == pytest.approx(build["frames"] / build["seconds"])
   assert result["builds"][0]["beam_flags"] is None
   assert result["builds"][1]["beam_flags"] == ["--runner=DirectRunner"]
-  # The printed table has a row per build and the check's line.
-  assert "| in_process | 20 |" in proc.stdout and "| beam_memory | 20 |" in proc.stdout
-  assert "Launcher check" in proc.stdout
+  # The printed table has a row per build, the medians and the check's line.
+  for row in ("| in_process (round 1) | 20 |", "| beam_memory_unordered (round 2) | 20 |",
+              "Medians over 2 rounds, frames/s: in_process ", "Builds that lost frames: 0 of 4.",
+              "Launcher check"):
+    assert row in proc.stdout, (row, proc.stdout)
+  medians = build_benchmark.median_rates(result["builds"])
+  assert medians["in_process"] == pytest.approx(
+      (result["builds"][0]["frames_per_s"] + result["builds"][2]["frames_per_s"]) / 2)
 
   # A second run reuses the captures (same sizes) instead of writing them again.
   captures = sorted((tmp_path / "w" / "captures_20_2").glob("*.r3d"))
@@ -63,7 +73,9 @@ def test_modes_turn_into_the_runner_flags_and_unknown_ones_are_named():
   assert build_benchmark.beam_flags("beam_memory") == ["--runner=DirectRunner"]
   assert build_benchmark.beam_flags("beam_3") == [
       "--runner=DirectRunner", "--direct_num_workers=3", "--direct_running_mode=multi_processing"]
-  for bad in ("beam_0", "beam_x", "beam", "dataflow"):
+  assert build_benchmark.beam_flags("beam_2_unordered") == build_benchmark.beam_flags("beam_2")
+  assert build_benchmark.unordered("beam_2_unordered") and not build_benchmark.unordered("beam_2")
+  for bad in ("beam_0", "beam_x", "beam", "dataflow", "in_process_unordered", "beam_x_unordered"):
     with pytest.raises(ValueError, match=repr(bad)):
       build_benchmark.beam_flags(bad)
 
@@ -75,6 +87,8 @@ def test_bad_flags_stop_before_anything_is_written(tmp_path):
   assert proc.returncode != 0 and "--frames=5" in proc.stderr
   proc = _run([*TINY[:-1], "--depth_size=32", f"--workdir={tmp_path / 'w'}"])
   assert proc.returncode != 0 and "--depth_size" in proc.stderr
+  proc = _run([*TINY, "--rounds=0", f"--workdir={tmp_path / 'w'}"])
+  assert proc.returncode != 0 and "--rounds=0" in proc.stderr
   assert not (tmp_path / "w").exists()
 
 

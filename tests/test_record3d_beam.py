@@ -24,11 +24,14 @@ SPLITS = ("train", "validation", "test")
 BUCKET = "gs://depth2d-mocked-bucket"  # the mock_epath tests' bucket
 
 
-def _build(config, manual_dir, data_dir, beam_flags=None):
+def _build(config, manual_dir, data_dir, beam_flags=None, unordered_shards=None):
+  """unordered_shards=N: TFDS' unordered Beam writer (`--nondeterministic_order
+  --num_shards=N`); 0: asked for without a shard count."""
   builder = tfds.builder(f"record3d/{config}", data_dir=str(data_dir))
   options = PipelineOptions(flags=beam_flags) if beam_flags else None
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir), beam_options=options))
+      manual_dir=str(manual_dir), beam_options=options,
+      nondeterministic_order=unordered_shards is not None, num_shards=unordered_shards or None))
   return builder
 
 
@@ -63,12 +66,25 @@ def test_beam_build_equals_in_process_build_r3d(tmp_path):
 
 @pytest.mark.slow
 def test_beam_two_local_workers_equal_in_process_build_pairs(tmp_path):
-  """The documented local command: 2 worker processes (DirectRunner multi_processing)."""
+  """The documented local command: 2 worker processes (DirectRunner
+  multi_processing) with TFDS' unordered writer (--nondeterministic_order
+  --num_shards). (TFDS' default writer with 2 workers: the gs:// test below.)"""
   plain = _build("pairs", DUMMY / "pairs", tmp_path / "plain")
   beam = _build("pairs", DUMMY / "pairs", tmp_path / "beam", [
       "--runner=DirectRunner", "--direct_num_workers=2",
-      "--direct_running_mode=multi_processing"])
+      "--direct_running_mode=multi_processing"], unordered_shards=2)
   _assert_same_build(plain, beam)
+  assert beam.info.nondeterministic_order and not plain.info.nondeterministic_order
+  # Every split in at most 2 files (TFDS drops the empty ones of small splits).
+  assert all(1 <= beam.info.splits[s].num_shards <= 2 for s in SPLITS)
+
+
+def test_unordered_beam_writer_without_a_shard_count_is_refused_before_writing(tmp_path):
+  with pytest.raises(ValueError, match=r"--nondeterministic_order.*needs --num_shards N"):
+    _build("r3d", DUMMY / "r3d", tmp_path / "out", ["--runner=DirectRunner"], unordered_shards=0)
+  assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.tfrecord*"))
+  # In process, TFDS ignores the flag (it only changes Beam's writer): no error.
+  _build("r3d", DUMMY / "r3d", tmp_path / "plain", unordered_shards=0)
 
 
 def test_beam_build_with_bad_files_lists_them_all_and_writes_nothing(tmp_path, bad_input):
@@ -111,6 +127,14 @@ def test_a_build_that_loses_examples_stops_and_keeps_nothing(tmp_path, monkeypat
     builder_module.check_written_counts(
         "r3d", {"train": 3, "validation": 2}, {"train": 1, "validation": 2}, beam=True,
         writer={"serialized": 5, "shards_planned": 3, "shards_written": 2})
+  # The unordered writer counts serialized examples only.
+  with pytest.raises(builder_module.LostExamplesError,
+                     match=r"serialized 5 examples of 5: every example was serialized; they "
+                           r"went missing between serialization and the files\..*"
+                           r"--nondeterministic_order --num_shards=N"):
+    builder_module.check_written_counts(
+        "r3d", {"train": 3, "validation": 2}, {"train": 1, "validation": 2}, beam=True,
+        writer={"serialized": 5})
 
 
 # --- gs:// through TensorFlow's own GCS client ---------------------------------

@@ -14,6 +14,11 @@ apart: every mode pays it before it writes). Modes:
   beam_memory  `--runner=DirectRunner` (Beam in this process, in memory)
   beam_N       `--runner=DirectRunner --direct_num_workers=N
                 --direct_running_mode=multi_processing` (N worker processes)
+  *_unordered  a Beam mode with TFDS' unordered writer
+                (`--nondeterministic_order --num_shards=--num_shards`)
+
+`--rounds=R` runs the modes R times in turn (ABAB..., so a drift in the
+machine's speed reaches every mode alike); the ratios use each mode's median.
 
 Per mode: frames written (the builder itself refuses a build that lost a
 frame with LostExamplesError: reported as LOST, with the error's counts),
@@ -55,7 +60,9 @@ from tfds_record3d import writers
 from tfds_record3d.record3d import record3d_dataset_builder as record3d_builder
 
 FLAGS = flags.FLAGS
-MODES_HELP = "in_process, beam_memory or beam_N with N >= 1 worker processes"
+MODES_HELP = ("in_process, beam_memory or beam_N with N >= 1 worker processes; a Beam mode "
+              "+ '_unordered' uses TFDS' unordered writer (e.g. beam_2_unordered)")
+UNORDERED = "_unordered"
 SAMPLE_SECONDS = 0.2
 
 
@@ -63,12 +70,18 @@ def beam_flags(mode: str):
   """A mode's Beam pipeline flags; None for the in-process build."""
   if mode == "in_process":
     return None
-  if mode == "beam_memory":
+  base = mode.removesuffix(UNORDERED)
+  if base == "beam_memory":
     return ["--runner=DirectRunner"]
-  if mode.startswith("beam_") and mode[5:].isdigit() and int(mode[5:]) >= 1:
-    return ["--runner=DirectRunner", f"--direct_num_workers={int(mode[5:])}",
+  if base.startswith("beam_") and base[5:].isdigit() and int(base[5:]) >= 1:
+    return ["--runner=DirectRunner", f"--direct_num_workers={int(base[5:])}",
             "--direct_running_mode=multi_processing"]
   raise ValueError(f"--modes: unknown mode {mode!r}; expected {MODES_HELP}")
+
+
+def unordered(mode: str) -> bool:
+  """Does the mode use TFDS' unordered Beam writer (--nondeterministic_order)?"""
+  return mode.endswith(UNORDERED)
 
 
 # ----------------------------------------------------------------------------
@@ -147,9 +160,11 @@ class TreeCpu:
 # ----------------------------------------------------------------------------
 # One build.
 # ----------------------------------------------------------------------------
-def time_build(mode: str, manual_dir: epath.Path, data_dir: epath.Path, frames: int) -> dict:
+def time_build(mode: str, manual_dir: epath.Path, data_dir: epath.Path, frames: int,
+               num_shards: int = 16) -> dict:
   """One build of the folder into a fresh `data_dir`, timed with its CPU. A build
-  that lost frames (LostExamplesError, nothing kept) is reported as such."""
+  that lost frames (LostExamplesError, nothing kept) is reported as such.
+  num_shards: files per split of the unordered writer's modes."""
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   options = beam_flags(mode)
   if data_dir.exists():
@@ -157,7 +172,8 @@ def time_build(mode: str, manual_dir: epath.Path, data_dir: epath.Path, frames: 
   builder = tfds.builder("record3d/r3d", data_dir=os.fspath(data_dir))
   config = tfds.download.DownloadConfig(
       manual_dir=os.fspath(manual_dir),
-      beam_options=PipelineOptions(flags=options) if options else None)
+      beam_options=PipelineOptions(flags=options) if options else None,
+      nondeterministic_order=unordered(mode), num_shards=num_shards if unordered(mode) else None)
   lost = None
   with TreeCpu() as cpu:
     start = time.perf_counter()
@@ -171,7 +187,8 @@ def time_build(mode: str, manual_dir: epath.Path, data_dir: epath.Path, frames: 
   written = frames if lost else sum(split.num_examples for split in builder.info.splits.values())
   cpu_seconds = cpu.own_seconds + cpu.children_seconds
   nproc = os.cpu_count() or 1
-  return {"mode": mode, "beam_flags": options, "frames": written, "lost": lost,
+  return {"mode": mode, "beam_flags": options, "unordered": unordered(mode),
+          "frames": written, "lost": lost,
           "seconds": seconds,
           "frames_per_s": written / seconds, "cpu_seconds": cpu_seconds,
           "launcher_cpu_seconds": cpu.own_seconds, "worker_cpu_seconds": cpu.children_seconds,
@@ -191,30 +208,48 @@ def check_folder(manual_dir: epath.Path, frames: int) -> dict:
   return {"seconds": seconds, "frames_per_s": frames / seconds}
 
 
+def median_rates(builds) -> dict:
+  """mode -> median frames/s over its rounds."""
+  modes = dict.fromkeys(b["mode"] for b in builds)
+  return {m: statistics.median(b["frames_per_s"] for b in builds if b["mode"] == m) for m in modes}
+
+
 def format_table(result: dict) -> str:
+  rounds = max(b.get("round", 1) for b in result["builds"])
   lines = ["| build | frames | s | frames/s | CPU ms/frame (launcher + workers) | cores busy "
            "| frames/s the cores allow | vs in process |",
            "|---|---|---|---|---|---|---|---|"]
-  base = next((r["frames_per_s"] for r in result["builds"] if r["mode"] == "in_process"), None)
+  medians = median_rates(result["builds"])
+  base = medians.get("in_process")
   for r in result["builds"]:
     versus = f"{r['frames_per_s'] / base:.2f}x" if base else "-"
     frames = f"LOST frames of {r['frames']}" if r["lost"] else r["frames"]
+    name = r["mode"] + (f" (round {r['round']})" if rounds > 1 else "")
     lines.append(
-        f"| {r['mode']} | {frames} | {r['seconds']:.1f} | {r['frames_per_s']:.1f} | "
+        f"| {name} | {frames} | {r['seconds']:.1f} | {r['frames_per_s']:.1f} | "
         f"{r['cpu_ms_per_frame']:.1f} ({1000 * r['launcher_cpu_seconds'] / r['frames']:.1f} + "
         f"{1000 * r['worker_cpu_seconds'] / r['frames']:.1f}) | {r['cores_busy']:.2f} | "
         f"{r['frames_per_s_bound']:.1f} | {versus} |")
-  by_mode = {r["mode"]: r for r in result["builds"]}
-  if "beam_1" in by_mode and "beam_2" in by_mode:
-    one, two = by_mode["beam_1"], by_mode["beam_2"]
-    lines.append("")
-    lines.append(
-        f"beam_2 / beam_1: {two['frames_per_s'] / one['frames_per_s']:.2f}x; at beam_2's CPU "
-        f"cost the {result['machine']['cpus']} cores allow at most "
-        f"{two['frames_per_s_bound'] / one['frames_per_s']:.2f}x beam_1's frames/s.")
+  lines.append("")
+  if rounds > 1:
+    lines.append("Medians over %d rounds, frames/s: %s." % (rounds, ", ".join(
+        f"{mode} {rate:.1f}" + (f" ({rate / base:.2f}x in process)" if base else "")
+        for mode, rate in medians.items())))
+  for suffix in ("", UNORDERED):
+    one, two = f"beam_1{suffix}", f"beam_2{suffix}"
+    if one in medians and two in medians:
+      bound = statistics.median(b["frames_per_s_bound"] for b in result["builds"]
+                                if b["mode"] == two)
+      lines.append(
+          f"{two} / {one}: {medians[two] / medians[one]:.2f}x; at {two}'s CPU cost the "
+          f"{result['machine']['cpus']} cores allow at most {bound / medians[one]:.2f}x "
+          f"{one}'s frames/s.")
   for r in result["builds"]:
     if r["lost"]:
       lines.append(f"{r['mode']}: {r['lost']}")
+  lost = [b for b in result["builds"] if b["lost"]]
+  lines.append(f"Builds that lost frames: {len(lost)} of {len(result['builds'])}"
+               + (" (" + ", ".join(sorted({b['mode'] for b in lost})) + ")" if lost else "") + ".")
   check = result["check"]
   lines.append(f"Launcher check (every file decoded, before any build writes): "
                f"{check['seconds']:.1f} s, {check['frames_per_s']:.1f} frames/s.")
@@ -228,7 +263,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("captures", 16, "Number of .r3d captures (one sequence each).")
   flags.DEFINE_integer("distinct_frames", 8, "Frames actually rendered, cycled to fill the captures.")
   flags.DEFINE_list("modes", ["in_process", "beam_1", "beam_2"],
-                    "Builds to time, in order: in_process, beam_memory, beam_N (N workers).")
+                    "Builds to time, in order: in_process, beam_memory, beam_N (N workers); "
+                    "+_unordered: TFDS' unordered writer (beam_2_unordered).")
+  flags.DEFINE_integer("rounds", 1, "Times to run the modes in turn (medians are compared).")
+  flags.DEFINE_integer("num_shards", 16, "Files per split for the *_unordered modes "
+                       "(tfds build --num_shards).")
   flags.DEFINE_string("image_size", "960,720", "H,W of the RGB frames (the phone's, portrait).")
   flags.DEFINE_string("depth_size", "256,192", "H,W of depth and confidence (LiDAR: 256,192).")
   flags.DEFINE_string("workdir", None, "Where the captures and the builds go (default: a new temp dir).")
@@ -253,6 +292,9 @@ def main(argv):
                          "1 capture and 10 frames per capture (splits are made by capture)")
   if FLAGS.distinct_frames < 1:
     raise app.UsageError("--distinct_frames must be at least 1")
+  if FLAGS.rounds < 1 or FLAGS.num_shards < 1:
+    raise app.UsageError(f"--rounds={FLAGS.rounds} --num_shards={FLAGS.num_shards}: both must "
+                         "be at least 1")
   workdir = epath.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="record3d_build_"))
   manual_dir = workdir / f"captures_{FLAGS.frames}_{FLAGS.captures}"
   started = time.perf_counter()
@@ -265,12 +307,14 @@ def main(argv):
             "depth_size": list(depth_size), "distinct_frames": FLAGS.distinct_frames,
             "check": check_folder(manual_dir, frames), "builds": []}
   rates = []
-  for index, mode in enumerate(FLAGS.modes):
-    left = (len(FLAGS.modes) - index) * frames / statistics.mean(rates) if rates else None
-    logging.info("=== build %d/%d: %s (%.0f s since start%s)", index + 1, len(FLAGS.modes), mode,
-                 time.perf_counter() - started,
+  runs = [(round_, mode) for round_ in range(1, FLAGS.rounds + 1) for mode in FLAGS.modes]
+  for index, (round_, mode) in enumerate(runs):
+    left = (len(runs) - index) * frames / statistics.mean(rates) if rates else None
+    logging.info("=== build %d/%d: %s, round %d (%.0f s since start%s)", index + 1, len(runs),
+                 mode, round_, time.perf_counter() - started,
                  f", ~{left:.0f} s left at the rate so far" if left else "")
-    build = time_build(mode, manual_dir, workdir / f"build_{mode}", frames)
+    build = time_build(mode, manual_dir, workdir / f"build_{mode}", frames, FLAGS.num_shards)
+    build["round"] = round_
     rates.append(build["frames_per_s"])
     logging.info("%s: %d frames in %.1f s, %.1f frames/s, %.1f CPU ms/frame, %.2f cores busy",
                  mode, build["frames"], build["seconds"], build["frames_per_s"],

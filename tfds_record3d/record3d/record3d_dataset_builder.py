@@ -237,6 +237,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     will_generate = (not exists or mode.overwrite_dataset) and (
         mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO)
     if self.builder_config.source != "synthetic" and will_generate:
+      if beam_build.uses_beam(download_config):
+        beam_build.check_unordered_options(download_config)
       self._scan(self._manual_dir(download_dir, download_config))
     prepare = functools.partial(super().download_and_prepare, download_dir=download_dir,
                                 download_config=download_config, **kwargs)
@@ -301,13 +303,18 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if beam_build.uses_beam(download_config) and not self._use_beam:
       logging.info("record3d/%s renders in process: Beam options are used by the "
                    "pairs and r3d configs only", self.builder_config.name)
-    if self._use_beam and beam_build.local_multi_processing(download_config):
+    if self._use_beam and beam_build.unordered_writer(download_config):
+      logging.info("record3d/%s: TFDS' unordered Beam writer (--nondeterministic_order): "
+                   "%d files per split, examples in no fixed order (read with shuffle_files=False "
+                   "they come in another order than from an in-process build, so a seeded "
+                   "shuffle gives other batches)", self.builder_config.name, download_config.num_shards)
+    elif self._use_beam and beam_build.local_multi_processing(download_config):
       logging.warning(
-          "record3d/%s: the local DirectRunner's multi_processing mode lost train examples "
-          "in 5 of 6 builds of 5,120 frames on this project's machine (none at 1,280). This "
-          "build is counted and stops with LostExamplesError if it loses any; the in-process "
-          "build (no Beam options) and --runner=DirectRunner alone have not lost any.",
-          self.builder_config.name)
+          "record3d/%s: with TFDS' default Beam writer, the local DirectRunner's "
+          "multi_processing mode lost train examples in 9 of 11 builds of 5,120 frames on this "
+          "project's machine (none at 1,280); with --nondeterministic_order --num_shards=N it "
+          "lost none in 10 (README, Big builds). This build is counted and stops with "
+          "LostExamplesError if it loses any.", self.builder_config.name)
     self._planned_frames = None
     self._writer_counters = None
     result = super()._download_and_prepare(dl_manager, download_config)
@@ -383,10 +390,11 @@ def check_written_counts(config: str, planned, written: dict, beam: bool,
   """Every planned frame was written, once: else LostExamplesError naming the splits.
 
   Measured on this project's machine: Apache Beam's DirectRunner
-  (multi_processing, 1 or 2 workers) drops examples of most large builds
-  (of 4,160 train frames of 32 960x720 `.r3d` captures: 560, 705, 240 (a
-  whole shard), 624 and 1,015 in 5 of 6 builds), while its own metrics counted
-  them all. So every build is counted. `writer`: TFDS' Beam writer counters
+  (multi_processing, 1 or 2 workers) with TFDS' default writer drops
+  examples of most large builds (of 4,160 train frames of 32 960x720 `.r3d`
+  captures: from 240 (a whole shard) to 1,625, in 9 of 11 builds), while its
+  own metrics counted them all; the unordered writer lost none in 10. So
+  every build is counted. `writer`: TFDS' Beam writer counters
   (beam_build.writer_counters), said in the error to show where they went.
   """
   if not planned:
@@ -400,18 +408,24 @@ def check_written_counts(config: str, planned, written: dict, beam: bool,
     if writer:
       total = sum(planned.values())
       lost_before = writer.get("serialized", 0) != total
-      where = (f" TFDS' Beam writer serialized {writer.get('serialized', 0)} examples of "
-               f"{total} and wrote {writer.get('shards_written', 0)} of "
-               f"{writer.get('shards_planned', 0)} shards: " + (
-                   "examples went missing before they were serialized." if lost_before else
-                   "every example was serialized and assigned a shard; they went missing "
-                   "between grouping into shards and writing."))
+      where = f" TFDS' Beam writer serialized {writer.get('serialized', 0)} examples of {total}"
+      if "shards_planned" in writer:  # the default writer; the unordered one counts no shards
+        where += (f" and wrote {writer.get('shards_written', 0)} of "
+                  f"{writer['shards_planned']} shards")
+      where += ": " + (
+          "examples went missing before they were serialized." if lost_before else
+          "every example was serialized and assigned a shard; they went missing between "
+          "grouping into shards and writing." if "shards_planned" in writer else
+          "every example was serialized; they went missing between serialization and the "
+          "files.")
     raise LostExamplesError(
         f"record3d/{config}: the build did not write every checked frame ({details}).{where} "
         "Nothing was kept. " + (
-            "The Beam runner lost examples between reading and writing: build in process "
-            "(no --beam_pipeline_options), or on Dataflow; the local DirectRunner has "
-            "dropped examples of large builds here (README, Big builds)."
+            "The Beam runner lost examples between reading and writing. Locally, build with "
+            "--nondeterministic_order --num_shards=N (TFDS' unordered writer, which lost none "
+            "here), or in process (no --beam_pipeline_options); or on Dataflow. The local "
+            "DirectRunner dropped examples of large builds with TFDS' default writer here "
+            "(README, Big builds)."
             if beam else "Report this: the in-process build should never lose a frame."))
 
 
