@@ -26,7 +26,7 @@ def test_lost_per_split():
 
 
 def test_a_small_build_writes_every_example(tmp_path):
-  # The in-memory DirectRunner (workers=0): the real TFDS Beam build, fast.
+  # The in-memory FnApiRunner (workers=0): the real TFDS Beam build, fast.
   for per_capture in (5, 0):  # captures of 5 examples listed by a FlatMap; one per element
     result = beam_loss_repro.run_once(str(tmp_path / "build"), workers=0, examples=24,
                                       example_bytes=64, frames_per_capture=per_capture)

@@ -49,7 +49,7 @@ def test_build_benchmark_reports_every_figure(tmp_path):
         build["launcher_cpu_seconds"] + build["worker_cpu_seconds"])
     assert build["frames_per_s"] == pytest.approx(build["frames"] / build["seconds"])
   assert result["builds"][0]["beam_flags"] is None
-  assert result["builds"][1]["beam_flags"] == ["--runner=DirectRunner"]
+  assert result["builds"][1]["beam_flags"] == ["--runner=FnApiRunner"]
   # The printed table has a row per build, the medians and the check's line.
   for row in ("| in_process (round 1) | 20 |", "| beam_memory_unordered (round 2) | 20 |",
               "Medians over 2 rounds, frames/s: in_process ", "Builds that lost frames: 0 of 4.",
@@ -70,9 +70,9 @@ def test_build_benchmark_reports_every_figure(tmp_path):
 
 def test_modes_turn_into_the_runner_flags_and_unknown_ones_are_named():
   assert build_benchmark.beam_flags("in_process") is None
-  assert build_benchmark.beam_flags("beam_memory") == ["--runner=DirectRunner"]
+  assert build_benchmark.beam_flags("beam_memory") == ["--runner=FnApiRunner"]
   assert build_benchmark.beam_flags("beam_3") == [
-      "--runner=DirectRunner", "--direct_num_workers=3", "--direct_running_mode=multi_processing"]
+      "--runner=FnApiRunner", "--direct_num_workers=3", "--direct_running_mode=multi_processing"]
   assert build_benchmark.beam_flags("beam_2_unordered") == build_benchmark.beam_flags("beam_2")
   assert build_benchmark.unordered("beam_2_unordered") and not build_benchmark.unordered("beam_2")
   for bad in ("beam_0", "beam_x", "beam", "dataflow", "in_process_unordered", "beam_x_unordered"):

@@ -17,6 +17,7 @@ from etils.epath import testing as epath_testing
 import gcs_server
 import tfds_record3d
 from launch import gcs_sync
+from tfds_record3d import beam_build
 from tfds_record3d.record3d import record3d_dataset_builder as builder_module
 
 DUMMY = builder_module.Builder.code_path.parent / "dummy_data"
@@ -55,7 +56,7 @@ def _assert_same_build(plain, beam):
 
 def test_beam_build_equals_in_process_build_r3d(tmp_path):
   plain = _build("r3d", DUMMY / "r3d", tmp_path / "plain")
-  beam = _build("r3d", DUMMY / "r3d", tmp_path / "beam", ["--runner=DirectRunner"])
+  beam = _build("r3d", DUMMY / "r3d", tmp_path / "beam", beam_build.local_runner_flags(0))
   _assert_same_build(plain, beam)
   stats = beam.info.metadata["stats"]["train"]  # from Beam metrics, not the builder
   assert stats["frames"] == 3 and stats["depth_sizes"] == [(16, 12)]
@@ -66,13 +67,12 @@ def test_beam_build_equals_in_process_build_r3d(tmp_path):
 
 @pytest.mark.slow
 def test_beam_two_local_workers_equal_in_process_build_pairs(tmp_path):
-  """The documented local command: 2 worker processes (DirectRunner
+  """The documented local command: 2 worker processes (FnApiRunner
   multi_processing) with TFDS' unordered writer (--nondeterministic_order
   --num_shards). (TFDS' default writer with 2 workers: the gs:// test below.)"""
   plain = _build("pairs", DUMMY / "pairs", tmp_path / "plain")
-  beam = _build("pairs", DUMMY / "pairs", tmp_path / "beam", [
-      "--runner=DirectRunner", "--direct_num_workers=2",
-      "--direct_running_mode=multi_processing"], unordered_shards=2)
+  beam = _build("pairs", DUMMY / "pairs", tmp_path / "beam", beam_build.local_runner_flags(2),
+                unordered_shards=2)
   _assert_same_build(plain, beam)
   assert beam.info.nondeterministic_order and not plain.info.nondeterministic_order
   # Every split in at most 2 files (TFDS drops the empty ones of small splits).
@@ -81,7 +81,8 @@ def test_beam_two_local_workers_equal_in_process_build_pairs(tmp_path):
 
 def test_unordered_beam_writer_without_a_shard_count_is_refused_before_writing(tmp_path):
   with pytest.raises(ValueError, match=r"--nondeterministic_order.*needs --num_shards N"):
-    _build("r3d", DUMMY / "r3d", tmp_path / "out", ["--runner=DirectRunner"], unordered_shards=0)
+    _build("r3d", DUMMY / "r3d", tmp_path / "out", beam_build.local_runner_flags(0),
+           unordered_shards=0)
   assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.tfrecord*"))
   # In process, TFDS ignores the flag (it only changes Beam's writer): no error.
   _build("r3d", DUMMY / "r3d", tmp_path / "plain", unordered_shards=0)
@@ -92,7 +93,7 @@ def test_beam_build_with_bad_files_lists_them_all_and_writes_nothing(tmp_path, b
   bad_input.rewrite_zip(manual / "cap0.r3d", replace={"rgbd/1.depth": b"junk"})
   bad_input.rewrite_zip(manual / "cap2.r3d", drop=["rgbd/2.jpg"])
   with pytest.raises(tfds_record3d.ManualInputError) as error:
-    _build("r3d", manual, tmp_path / "out", ["--runner=DirectRunner"])
+    _build("r3d", manual, tmp_path / "out", beam_build.local_runner_flags(0))
   message = str(error.value)
   assert f"{manual / 'cap0.r3d'}:rgbd/1.depth: depth is not valid LZFSE data" in message
   assert f"{manual / 'cap2.r3d'}:rgbd/2.depth: missing partner rgbd/2.jpg" in message
@@ -113,7 +114,7 @@ def test_a_build_that_loses_examples_stops_and_keeps_nothing(tmp_path, monkeypat
   monkeypatch.setattr(beam_build, "list_frames", drops_one)
   with pytest.raises(builder_module.LostExamplesError,
                      match=r"(\d+) written of (?!\1)\d+.*missing before they were serialized"):
-    _build("r3d", DUMMY / "r3d", tmp_path / "out", ["--runner=DirectRunner"])
+    _build("r3d", DUMMY / "r3d", tmp_path / "out", beam_build.local_runner_flags(0))
   assert not list((tmp_path / "out").glob("record3d/r3d/*/dataset_info.json"))
   with pytest.raises(builder_module.LostExamplesError, match="validation: 1 written of 2"):
     builder_module.check_written_counts("r3d", {"train": 3, "validation": 2},
@@ -197,14 +198,13 @@ def test_tfds_build_reads_gs_manual_dir_with_tensorflows_gcs_client(
 @pytest.mark.slow
 def test_beam_two_workers_build_from_gs_to_gs(tmp_path, gs_captures, tf_gcs_env,
                                               emulator_client):
-  """What a Dataflow build does, on 2 local worker processes (DirectRunner
-  multi_processing): nothing local, the manual folder and the data_dir both on
+  """What a Dataflow build does, on 2 local worker processes (FnApiRunner
+  multi_processing, TFDS' default writer): nothing local, the manual folder and the data_dir both on
   gs://, read and written by the workers through TF's client. The files the
   build left in the bucket, downloaded, load as the local in-process build."""
   data_dir = f"{gs_captures}/tfds"
   result = _tfds_build("pairs", f"{gs_captures}/pairs", data_dir, tf_gcs_env,
-                       "runner=DirectRunner,direct_num_workers=2,"
-                       "direct_running_mode=multi_processing")
+                       ",".join(f.lstrip("-") for f in beam_build.local_runner_flags(2)))
   assert result.returncode == 0, result.stdout + result.stderr
   report = gcs_sync.download_tree(data_dir, str(tmp_path / "downloaded"), client=emulator_client)
   assert report.ok and report.transferred, report
@@ -290,12 +290,18 @@ def test_build_of_previous_version_still_loads(tmp_path):
 
 
 def test_the_local_multi_processing_runner_is_recognised_for_its_warning():
-  from tfds_record3d import beam_build
   config = lambda flags: tfds.download.DownloadConfig(beam_options=PipelineOptions(flags=flags))
   assert beam_build.local_multi_processing(config(
       ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]))
+  assert beam_build.local_multi_processing(config(beam_build.local_runner_flags(2)))
   assert beam_build.local_multi_processing(config(["--direct_running_mode=multi_processing"]))
-  assert not beam_build.local_multi_processing(config(["--runner=DirectRunner"]))
+  assert not beam_build.local_multi_processing(config(beam_build.local_runner_flags(0)))
   assert not beam_build.local_multi_processing(config(
       ["--runner=DataflowRunner", "--direct_running_mode=multi_processing"]))
   assert not beam_build.local_multi_processing(tfds.download.DownloadConfig())
+  # Beam's DirectRunner (named or by default) may first fetch Prism: said in the log.
+  assert beam_build.may_try_prism(config(["--runner=DirectRunner"]))
+  assert beam_build.may_try_prism(config(["--direct_num_workers=2"]))
+  assert not beam_build.may_try_prism(config(beam_build.local_runner_flags(2)))
+  assert not beam_build.may_try_prism(config(["--runner=DataflowRunner"]))
+  assert not beam_build.may_try_prism(tfds.download.DownloadConfig())

@@ -16,10 +16,12 @@ the loss can be reproduced (and reported upstream: Apache Beam / TFDS) apart
 from the record3d builder, and a user can try their own runner set-up before a
 big build.
 
-`--workers=N` (N >= 1): `--runner=DirectRunner --direct_num_workers=N
+`--workers=N` (N >= 1): `--runner=FnApiRunner --direct_num_workers=N
 --direct_running_mode=multi_processing`; `--workers=0`: the in-memory
-DirectRunner. Exit status 1 when any run lost examples, 0 when none did (a
-run without loss proves nothing about the next one: the loss is intermittent).
+FnApiRunner (the Python runner Beam's DirectRunner falls back to when its
+Prism runner cannot be fetched, as offline here). Exit status 1 when any run
+lost examples, 0 when none did (a run without loss proves nothing about the
+next one: the loss is intermittent).
 """
 
 from __future__ import annotations
@@ -127,11 +129,13 @@ def lost_per_split(expected: dict, written: dict) -> dict:
 
 
 def beam_flags(workers: int) -> list:
-  """The DirectRunner's flags: build_benchmark's beam_memory (0) / beam_N, written
-  here again so that this file stands alone in a report upstream."""
+  """The local runner's flags: build_benchmark's beam_memory (0) / beam_N
+  (tfds_record3d.beam_build.local_runner_flags), written here again so that
+  this file stands alone in a report upstream. FnApiRunner: what Beam's
+  DirectRunner falls back to offline, without its first try of Prism."""
   if workers == 0:
-    return ["--runner=DirectRunner"]
-  return ["--runner=DirectRunner", f"--direct_num_workers={workers}",
+    return ["--runner=FnApiRunner"]
+  return ["--runner=FnApiRunner", f"--direct_num_workers={workers}",
           "--direct_running_mode=multi_processing"]
 
 
@@ -160,8 +164,8 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
                        "Examples in all (at least 3: one per split).", **v)
   flags.DEFINE_integer("example_bytes", DEFAULTS.example_bytes,
                        "Bytes per example (a 960x720 JPEG frame with its depth: ~300 KB).", **v)
-  flags.DEFINE_integer("workers", 1, "DirectRunner worker processes (multi_processing); "
-                       "0: the in-memory DirectRunner.", **v)
+  flags.DEFINE_integer("workers", 1, "FnApiRunner worker processes (multi_processing); "
+                       "0: the in-memory FnApiRunner.", **v)
   flags.DEFINE_float("busy_ms", DEFAULTS.busy_ms, "CPU time each example costs its worker before it is "
                      "returned (a record3d frame: ~35 ms to read and encode).", **v)
   flags.DEFINE_integer("frames_per_capture", DEFAULTS.frames_per_capture,

@@ -11,11 +11,13 @@ data dir, each mode after the same launcher check (`Builder._scan`, timed once,
 apart: every mode pays it before it writes). Modes:
 
   in_process   no Beam options: TFDS' Python writer in this process
-  beam_memory  `--runner=DirectRunner` (Beam in this process, in memory)
-  beam_N       `--runner=DirectRunner --direct_num_workers=N
+  beam_memory  `--runner=FnApiRunner` (Beam in this process, in memory)
+  beam_N       `--runner=FnApiRunner --direct_num_workers=N
                 --direct_running_mode=multi_processing` (N worker processes)
   *_unordered  a Beam mode with TFDS' unordered writer
                 (`--nondeterministic_order --num_shards=--num_shards`)
+(FnApiRunner: what `--runner=DirectRunner` falls back to offline; see
+beam_build.LOCAL_RUNNER.)
 
 `--rounds=R` runs the modes R times in turn (ABAB..., so a drift in the
 machine's speed reaches every mode alike); the ratios use each mode's median.
@@ -54,6 +56,7 @@ from absl import logging
 from etils import epath
 
 import tfds_record3d  # noqa: F401  (registers record3d)
+from tfds_record3d import beam_build
 from tfds_record3d import sizes
 from tfds_record3d import synthetic
 from tfds_record3d import writers
@@ -72,10 +75,9 @@ def beam_flags(mode: str):
     return None
   base = mode.removesuffix(UNORDERED)
   if base == "beam_memory":
-    return ["--runner=DirectRunner"]
+    return beam_build.local_runner_flags(0)
   if base.startswith("beam_") and base[5:].isdigit() and int(base[5:]) >= 1:
-    return ["--runner=DirectRunner", f"--direct_num_workers={int(base[5:])}",
-            "--direct_running_mode=multi_processing"]
+    return beam_build.local_runner_flags(int(base[5:]))
   raise ValueError(f"--modes: unknown mode {mode!r}; expected {MODES_HELP}")
 
 

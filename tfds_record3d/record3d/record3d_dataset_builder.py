@@ -303,17 +303,23 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if beam_build.uses_beam(download_config) and not self._use_beam:
       logging.info("record3d/%s renders in process: Beam options are used by the "
                    "pairs and r3d configs only", self.builder_config.name)
+    if self._use_beam and beam_build.may_try_prism(download_config):
+      logging.info("record3d/%s: runner=DirectRunner: Beam first tries its Prism runner "
+                   "(downloaded from GitHub at run time) and falls back to the FnApiRunner when "
+                   "that fails; runner=%s runs the local runner this project measured, with "
+                   "no download", self.builder_config.name, beam_build.LOCAL_RUNNER)
     if self._use_beam and beam_build.unordered_writer(download_config):
       logging.info("record3d/%s: TFDS' unordered Beam writer (--nondeterministic_order): "
                    "%d files per split, examples in no fixed order (read with shuffle_files=False "
                    "they come in another order than from an in-process build, so a seeded "
-                   "shuffle gives other batches)", self.builder_config.name, download_config.num_shards)
+                   "shuffle gives other batches)", self.builder_config.name,
+                   download_config.num_shards)
     elif self._use_beam and beam_build.local_multi_processing(download_config):
       logging.warning(
-          "record3d/%s: with TFDS' default Beam writer, the local DirectRunner's "
-          "multi_processing mode lost train examples in 9 of 11 builds of 5,120 frames on this "
+          "record3d/%s: with TFDS' default Beam writer, the local runner's "
+          "multi_processing mode lost train examples in 10 of 12 builds of 5,120 frames on this "
           "project's machine (none at 1,280); with --nondeterministic_order --num_shards=N it "
-          "lost none in 10 (README, Big builds). This build is counted and stops with "
+          "lost none in 12 (README, Big builds). This build is counted and stops with "
           "LostExamplesError if it loses any.", self.builder_config.name)
     self._planned_frames = None
     self._writer_counters = None
@@ -392,8 +398,8 @@ def check_written_counts(config: str, planned, written: dict, beam: bool,
   Measured on this project's machine: Apache Beam's DirectRunner
   (multi_processing, 1 or 2 workers) with TFDS' default writer drops
   examples of most large builds (of 4,160 train frames of 32 960x720 `.r3d`
-  captures: from 240 (a whole shard) to 1,625, in 9 of 11 builds), while its
-  own metrics counted them all; the unordered writer lost none in 10. So
+  captures: from 240 (a whole shard) to 1,625, in 10 of 12 builds), while its
+  own metrics counted them all; the unordered writer lost none in 12. So
   every build is counted. `writer`: TFDS' Beam writer counters
   (beam_build.writer_counters), said in the error to show where they went.
   """
