@@ -321,6 +321,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           "project's machine (none at 1,280); with --nondeterministic_order --num_shards=N it "
           "lost none in 12 (README, Big builds). This build is counted and stops with "
           "LostExamplesError if it loses any.", self.builder_config.name)
+    self._local_workers = beam_build.local_workers(download_config) if self._use_beam else None
     self._planned_frames = None
     self._writer_counters = None
     result = super()._download_and_prepare(dl_manager, download_config)
@@ -356,6 +357,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       # Workers must not touch the builder: statistics return as Beam metrics,
       # read in `_process_pipeline_result` once the pipeline has finished.
       self._beam_plan = {split: len(parts) for split, parts in plan.items()}
+      workers = getattr(self, "_local_workers", None)
+      problem = workers and beam_build.message_size_problem(
+          self._planned_frames, scan.provenance["fingerprint"]["bytes"], workers)
+      if problem:
+        logging.warning("record3d/%s: this local Beam build may fail: %s", config.name, problem)
       return {split: beam_build.split_transform(split, config.source, dl_manager.manual_dir,
                                                 parts)
               for split, parts in parts_of.items()}
