@@ -182,7 +182,8 @@ def message_size_problem(split_frames: dict, manual_bytes: int, workers: int):
   return (f"split {split!r} holds ~{split_bytes / 1e9:.1f} GB of examples ({frames} frames, "
           f"estimated from the manual folder's size), ~{split_bytes / workers / 1e9:.1f} GB per "
           f"worker process with direct_num_workers={workers}: Beam's local runner sends each "
-          f"worker its share in one gRPC message, which fails above 2.1 GB (\"Buffer size ... "
+          f"worker its share in one gRPC message, which fails above "
+          f"{GRPC_MESSAGE_LIMIT / 1e9:.1f} GB (\"Buffer size ... "
           f"exceeds GRPC limit\"). Use direct_num_workers={needed} or more, build in process "
           "(no --beam_pipeline_options), or on Dataflow")
 
