@@ -401,12 +401,11 @@ def check_written_counts(config: str, planned, written: dict, beam: bool,
                          writer: Optional[dict] = None) -> None:
   """Every planned frame was written, once: else LostExamplesError naming the splits.
 
-  Measured on this project's machine: Apache Beam's DirectRunner
-  (multi_processing, 1 or 2 workers) with TFDS' default writer drops
-  examples of most large builds (of 4,160 train frames of 32 960x720 `.r3d`
-  captures: from 240 (a whole shard) to 1,625, in 10 of 12 builds), while its
-  own metrics counted them all; the unordered writer lost none in 12. So
-  every build is counted. `writer`: TFDS' Beam writer counters
+  Measured on this project's machine: Beam's local runner (multi_processing,
+  1 or 2 workers) with TFDS' default writer drops train examples of most
+  5,120-frame builds (from 240, a whole shard, to 1,625 of 4,160), while its
+  own metrics counted them all (README, Big builds). So every build is
+  counted. `writer`: TFDS' Beam writer counters
   (beam_build.writer_counters), said in the error to show where they went.
   """
   if not planned:
