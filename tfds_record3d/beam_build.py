@@ -176,9 +176,10 @@ def message_size_problem(split_frames: dict, manual_bytes: int, workers: int):
     return None
   split, frames = max(split_frames.items(), key=lambda item: item[1])
   split_bytes = manual_bytes * frames / total_frames
-  if split_bytes / workers <= SIZE_WARNING_FRACTION * GRPC_MESSAGE_LIMIT:
+  per_worker_budget = SIZE_WARNING_FRACTION * GRPC_MESSAGE_LIMIT
+  if split_bytes / workers <= per_worker_budget:
     return None
-  needed = math.ceil(split_bytes / (SIZE_WARNING_FRACTION * GRPC_MESSAGE_LIMIT))
+  needed = math.ceil(split_bytes / per_worker_budget)
   return (f"split {split!r} holds ~{split_bytes / 1e9:.1f} GB of examples ({frames} frames, "
           f"estimated from the manual folder's size), ~{split_bytes / workers / 1e9:.1f} GB per "
           f"worker process with direct_num_workers={workers}: Beam's local runner sends each "

@@ -163,7 +163,7 @@ class TreeCpu:
 # One build.
 # ----------------------------------------------------------------------------
 def time_build(mode: str, manual_dir: epath.Path, data_dir: epath.Path, frames: int,
-               num_shards: int = 16) -> dict:
+               num_shards: int) -> dict:
   """One build of the folder into a fresh `data_dir`, timed with its CPU. A build
   that lost frames (LostExamplesError, nothing kept) is reported as such.
   num_shards: files per split of the unordered writer's modes."""
@@ -246,10 +246,8 @@ def format_table(result: dict) -> str:
           f"{two} / {one}: {medians[two] / medians[one]:.2f}x; at {two}'s CPU cost the "
           f"{result['machine']['cpus']} cores allow at most {bound / medians[one]:.2f}x "
           f"{one}'s frames/s.")
-  for r in result["builds"]:
-    if r["lost"]:
-      lines.append(f"{r['mode']}: {r['lost']}")
   lost = [b for b in result["builds"] if b["lost"]]
+  lines.extend(f"{b['mode']}: {b['lost']}" for b in lost)
   lines.append(f"Builds that lost frames: {len(lost)} of {len(result['builds'])}"
                + (" (" + ", ".join(sorted({b['mode'] for b in lost})) + ")" if lost else "") + ".")
   check = result["check"]
