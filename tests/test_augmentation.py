@@ -12,6 +12,7 @@ import tensorflow as tf
 from trainer import augmentation
 from trainer import datasets
 from trainer import input_pipeline
+from trainer import preprocessing
 from trainer import train
 
 TOLERANCE = 1e-6  # float rounding: the closed-form saturation, the flipped Sobel's sums
@@ -63,8 +64,10 @@ def test_device_batches_equal_host_batches(make_config, tmp_path, stage):
                       .as_numpy_iterator())
   device_batches = list(input_pipeline.train_dataset(device, stage, builder).take(4))
   assert augmentation.PARAMS not in host_batches[0]
-  # The host's CPU only decodes and resizes: no mask, no target yet.
+  # The host's CPU only decodes (and resizes depth): no mask, no target yet,
+  # and the images arrive as uint8 decodes (one size in the dummy split).
   assert sorted(device_batches[0]) == sorted(["image", "depth", augmentation.PARAMS])
+  assert device_batches[0]["image"].dtype == tf.uint8
   assert device_batches[0][augmentation.PARAMS].shape == (host.global_batch_size, 4)
   flips = np.concatenate([b[augmentation.PARAMS][:, 0] for b in device_batches])
   assert 0 < flips.sum() < flips.size  # some flipped, some not: both paths are checked
@@ -78,8 +81,9 @@ def test_device_batches_equal_host_batches(make_config, tmp_path, stage):
 
 @pytest.mark.parametrize("stage", ["gradient", "rough"])
 def test_train_step_finishes_the_batches_that_carry_draws(make_config, tmp_path, stage):
-  """The loss of the real train step on a batch with draws equals its loss on
-  the host-finished batch (augmented per example, then mask and the stage's
+  """The loss of the real train step on a batch with draws (and decoded uint8
+  images, resized in the step) equals its loss on
+  the host-finished batch (resized, augmented per example, then mask and the stage's
   target; learning rate 0: the same weights see both), and differs from the
   loss on the batch finished without augmentation."""
   config = make_config(tmp_path, stage=stage, architecture="unet")
@@ -93,7 +97,10 @@ def test_train_step_finishes_the_batches_that_carry_draws(make_config, tmp_path,
       dataclasses.replace(config, augment_on="device"), stage, builder)))
   params = np.array([[1.0, 0.05, 1.15, 0.85]] * config.global_batch_size, np.float32)
   with_draws = {**batch, augmentation.PARAMS: tf.constant(params)}
-  resized = {k: v for k, v in batch.items() if k != augmentation.PARAMS}
+  # One image size in the dummy split: the host only decodes, the step resizes.
+  assert batch["image"].dtype == tf.uint8
+  resized = {"image": preprocessing.network_input(batch["image"], config.image_size),
+             "depth": batch["depth"]}
   images, depths = zip(*(augmentation.apply_to_example(resized["image"][i], resized["depth"][i],
                                                        tf.constant(params[i]))
                          for i in range(config.global_batch_size)))
@@ -105,6 +112,32 @@ def test_train_step_finishes_the_batches_that_carry_draws(make_config, tmp_path,
   device_loss, host_loss, plain_loss = loss(with_draws), loss(host), loss(plain)
   assert device_loss == pytest.approx(host_loss, rel=1e-5)
   assert abs(device_loss - plain_loss) > 1e-4 * abs(plain_loss)
+
+
+def test_the_host_resizes_when_the_step_cannot(make_config, tmp_path, monkeypatch):
+  """The image resize stays on the host (float32 images at the training size)
+  when the split lists several image sizes (no one batch shape for the step),
+  or when the uint8 decodes would not fit the memory cache that holds the
+  resized split."""
+  config = make_config(tmp_path, shuffle_buffer=4, augment_on="device")
+  # Half the usual training size, so that the uint8 decodes take more memory
+  # than the float32 resized images.
+  config = dataclasses.replace(config, image_size=tuple(v // 2 for v in config.image_size))
+  builder = datasets.get_builder(config.dataset, config.data_dir)
+  image = lambda: next(iter(input_pipeline.train_dataset(config, "rough", builder)))["image"]
+  shape = input_pipeline.device_decode_shape(config, builder, "train")
+  assert shape and image().dtype == tf.uint8
+  decoded = input_pipeline._cached_bytes(builder, "train", config, image_shape=shape)
+  resized = input_pipeline._cached_bytes(builder, "train", config)
+  assert decoded > resized
+  monkeypatch.setattr(input_pipeline, "CACHE_LIMIT_BYTES", (decoded + resized) // 2)
+  assert input_pipeline.device_decode_shape(config, builder, "train") is None
+  assert image().dtype == tf.float32 and image().shape[1:3] == config.image_size
+  monkeypatch.undo()
+  stats = builder.info.metadata["stats"]["train"]
+  monkeypatch.setitem(stats, "image_sizes", stats["image_sizes"] + [[7, 9]])
+  assert input_pipeline.device_decode_shape(config, builder, "train") is None
+  assert image().dtype == tf.float32
 
 
 def test_auto_is_host_without_an_accelerator_and_bad_names_are_refused():

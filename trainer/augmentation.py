@@ -10,8 +10,9 @@ contrast factor, saturation factor). They are applied either
   (`apply_to_batch`, elementwise ops XLA compiles for TPU and GPU): the
   pipeline then only carries the draws, `PARAMS` [B, 4] float32, and the host
   CPU is left to decoding and resizing (the step also makes the mask and the
-  target there: input_pipeline.finish_batch). The saturation is written in
-  closed form there.
+  target there, and resizes the image when the split has one image size:
+  input_pipeline.finish_batch, device_decode_shape). The saturation is
+  written in closed form there.
 
 Both give the same training tensors to float rounding (tests/test_augmentation.py).
 --augment_on=auto picks the accelerator when this process sees a GPU or TPU,

@@ -264,12 +264,13 @@ def first_pass_rounds(config: Config, builder, files, rounds: int, steady_batche
   ratios (each round's pair ran back to back). The steady state is measured
   once, after the last round's all-core first pass. With augmentation on,
   each round also times the first pass with --augment_on=device (the host
-  decodes, resizes and draws the augmentation; the train step applies it and
-  makes the mask and the target)."""
+  decodes, resizes the depth (and the image, unless the step can:
+  input_pipeline.device_decode_shape) and draws the augmentation; the train
+  step applies it and makes the mask and the target)."""
   all_cores, single, pil, on_device = [], [], [], []
   # The host's share when the augmentation runs in the train step (what
-  # --augment_on=auto does with a GPU or TPU): decode, resize, draws; the step
-  # makes the mask and the Sobel target. The other runs augment on the host,
+  # --augment_on=auto does with a GPU or TPU): decode, depth resize, draws; the step
+  # resizes the image, makes the mask and the Sobel target. The other runs augment on the host,
   # whatever this machine has.
   device_config = dataclasses.replace(config, augment_on="device")
   config = dataclasses.replace(config, augment_on="host")

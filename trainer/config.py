@@ -186,8 +186,9 @@ def define_flags() -> None:
   f.DEFINE_bool("augment", default.augment, "Horizontal flip and colour jitter on training examples.")
   f.DEFINE_enum("augment_on", default.augment_on, augmentation.PLACES,
                 "Where --augment runs: host (the input pipeline, per example), device (the "
-                "train step, per batch, on the accelerator, with the mask and the target: the host "
-                "CPU only decodes and resizes), or "
+                "train step, per batch, on the accelerator, with the mask and the target, and the "
+                "image resize when the split has one image size: the host CPU then only "
+                "decodes and resizes depth), or "
                 "auto: device when this process sees a GPU or TPU, else host. Same training "
                 "tensors either way, to float rounding.")
   f.DEFINE_string("cache_dir", default.cache_dir,

@@ -27,6 +27,7 @@ from typing import Optional, TYPE_CHECKING
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from trainer import augmentation
 from trainer import datasets
@@ -171,11 +172,17 @@ def with_mask(features: dict) -> dict:
 
 
 def finish_batch(batch: dict, stage: str) -> dict:
-  """--augment_on=device, in the train step: a batch of resized {image, depth}
-  [B,H,W,C] with its draws batch[augmentation.PARAMS] [B,4] -> the training
-  batch the host path makes (finish_example per example, the target per
-  batch): augmentation, mask and the stage's target, all per batch here, so
-  the host's CPU only decodes and resizes."""
+  """--augment_on=device, in the train step: a batch {image, depth [B,H,W,1]}
+  with its draws batch[augmentation.PARAMS] [B,4] -> the training batch the
+  host path makes (finish_example per example, the target per batch):
+  augmentation, mask and the stage's target, all per batch here. `image` is
+  either resized float32 [B,H,W,3] or, where train_dataset left the resize
+  to the step (device_decode_shape), the decoded uint8 [B,h,w,3]: then
+  network_input, the resize serving uses, takes it to the depth's H,W first.
+  Either way the host's CPU only decodes (and resizes the depth)."""
+  if batch["image"].dtype == tf.uint8:
+    batch = {**batch, "image": preprocessing.network_input(batch["image"],
+                                                           batch["depth"].shape[1:3])}
   return with_target(with_mask(augmentation.apply_to_batch(batch)), stage)
 
 
@@ -225,6 +232,65 @@ def used_features(min_confidence: int, image: bool = True) -> tuple:
       ("confidence",) if min_confidence > 0 else ())
 
 
+def device_decode_shape(config: Config, builder: tfds.core.DatasetBuilder,
+                        split: str) -> Optional[tuple]:
+  """With --augment_on=device: the (h, w) every image of `split` decodes to,
+  when the train step can take over the image resize (finish_batch), else
+  None and the host resizes as before. Measured at 960x720 JPEG -> 192x144
+  (README, "Session 14"): the resize is ~1 ms of the host's ~5 ms per example.
+
+  The step gets whole batches, so every image must decode to one shape: the
+  split's statistics (info.metadata["stats"], written by the record3d
+  builder) must list one image size, and the first example's bytes say
+  whether it is a JPEG (decoded at reduced scale with --jpeg_reduced_decode)
+  or not (decoded in full). The memory cache then holds uint8 decodes
+  instead of float32 images at the training size: when that would no longer
+  fit CACHE_LIMIT_BYTES where the resized split does, the host resizes.
+  """
+  if tf.config.list_logical_devices("TPU"):
+    # Never run on a TPU here; TPU infeed has refused uint8 tensors, so the
+    # host keeps the resize there until that is tried.
+    logging.info("image resize on the host: this process sees a TPU")
+    return None
+  metadata = builder.info.metadata or {}
+  stats = (metadata.get("stats") or {}).get(split) or {}
+  sizes = stats.get("image_sizes") or []
+  if len(sizes) != 1:
+    logging.info("image resize on the host: the %s split's statistics list %s image sizes "
+                 "(the train step needs one)", split, len(sizes) or "no")
+    return None
+  source = tuple(int(v) for v in sizes[0])
+  first = next(iter(read_split(builder, split, shuffle_files=False, features=("image",))))
+  is_jpeg = first["image"].numpy()[:3] == _JPEG_MAGIC
+  ratio = jpeg_ratio(source, config.image_size) if is_jpeg and config.jpeg_reduced_decode else 1
+  shape = tuple(-(-s // ratio) for s in source)
+  decoded = _cached_bytes(builder, split, config, image_shape=shape)
+  resized = _cached_bytes(builder, split, config)
+  if decoded >= CACHE_LIMIT_BYTES > resized:
+    logging.info("image resize on the host: the %s split's %dx%d decodes take %.2f GB, over "
+                 "the %.2f GB memory cache that holds it resized (%.2f GB)", split, *shape,
+                 decoded / 1e9, CACHE_LIMIT_BYTES / 1e9, resized / 1e9)
+    return None
+  logging.info("image resize in the train step: the host decodes the %s split's %dx%d images "
+               "(%s, 1/%d scale) to %dx%d uint8; the step resizes them to %dx%d", split, *source,
+               "JPEG" if is_jpeg else "not JPEG", ratio, *shape, *config.image_size)
+  return shape
+
+
+def decoded_example(example: dict, config: Config, min_confidence: int, shape: tuple) -> dict:
+  """--augment_on=device with device_decode_shape: {image uint8 [h,w,3] decoded
+  only, depth [H,W,1] resized as resize_example does}; finish_batch resizes
+  the image in the train step."""
+  image = decode_image(example["image"], config.image_size, reduced=config.jpeg_reduced_decode)
+  check = tf.debugging.assert_equal(
+      tf.shape(image)[:2], tf.constant(shape, tf.int32),
+      message=(f"an image decoded to another size than the split's first ({shape[0]}x{shape[1]}; "
+               "JPEG and PNG mixed?): train with --augment_on=host"))
+  with tf.control_dependencies([check]):
+    image = tf.ensure_shape(tf.identity(image), (*shape, 3))
+  return {"image": image, "depth": resize_depth_example(example, config, min_confidence)}
+
+
 def read_split(builder: tfds.core.DatasetBuilder, split: str, shuffle_files: bool,
                read_config: Optional[tfds.ReadConfig] = None,
                features=("image", "depth", "confidence")) -> tf.data.Dataset:
@@ -249,10 +315,12 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
                   split: str = "train", cache_dir: Optional[str] = None) -> tf.data.Dataset:
   """Infinite, shuffled, augmented, batched (drop_remainder: static shapes for TPU).
 
-  With --augment_on resolving to device, the batches are only resized
-  {image, depth} and the draws batch[augmentation.PARAMS] [B,4]: the train step
-  augments them and adds the mask and the target (finish_batch, called by
-  train.make_train_loop).
+  With --augment_on resolving to device, the batches are {image, depth} and the
+  draws batch[augmentation.PARAMS] [B,4]: the train step augments them and
+  adds the mask and the target (finish_batch, called by
+  train.make_train_loop). `image` is then the uint8 decode, resized by the
+  step too, where device_decode_shape allows (one image size in the split, no
+  TPU, the cache still fits), else resized here as float32.
 
   cache_dir: a folder (local or gs://) for a `tf.data` file cache of the
     decoded, resized split: for splits too big for memory, or to skip decoding
@@ -265,8 +333,15 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   ds = read_split(builder, split, shuffle_files=True, read_config=read_config,
                   features=used_features(config.min_confidence))
   ds = _shard(ds, input_context)
-  ds = ds.map(lambda ex: resize_example(ex, config, config.min_confidence),
-              num_parallel_calls=AUTOTUNE)
+  on_device = config.augment and augmentation.resolve_place(config.augment_on) == "device"
+  # With the augmentation in the step, the image resize can go there too.
+  shape = device_decode_shape(config, builder, split) if on_device else None
+  if shape:
+    ds = ds.map(lambda ex: decoded_example(ex, config, config.min_confidence, shape),
+                num_parallel_calls=AUTOTUNE)
+  else:
+    ds = ds.map(lambda ex: resize_example(ex, config, config.min_confidence),
+                num_parallel_calls=AUTOTUNE)
   # Decoding and resizing are the same every epoch: keep their output (float32
   # image [H,W,3] + depth [H,W,1] per example) and redo only augmentation and
   # targets per epoch. On disk when asked (tf.data's file cache: written during
@@ -274,15 +349,15 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
   # short is discarded, not read), and in memory when the split fits at the
   # training size (after the file cache, so later epochs do not read the disk).
   if cache_dir:
-    ds = ds.cache(disk_cache_path(cache_dir, builder, split, config, input_context))
-  if _cached_bytes(builder, split, config) < CACHE_LIMIT_BYTES:
+    ds = ds.cache(disk_cache_path(cache_dir, builder, split, config, input_context,
+                                  image_shape=shape))
+  if _cached_bytes(builder, split, config, image_shape=shape) < CACHE_LIMIT_BYTES:
     ds = ds.cache()
   ds = ds.repeat().shuffle(config.shuffle_buffer, seed=config.seed)
   pipeline_id = input_context.input_pipeline_id if input_context else 0
   # One stateless seed per example, different on every worker and every epoch.
   seeds = tf.data.Dataset.random(seed=config.seed + 1000 * pipeline_id).batch(2)
   ds = tf.data.Dataset.zip(ds, seeds)
-  on_device = config.augment and augmentation.resolve_place(config.augment_on) == "device"
 
   def augmented_or_drawn(resized, seed):
     if on_device:  # only the draws [4] join the resized example: finish_batch in the step
@@ -306,8 +381,11 @@ DISK_CACHE_FORMAT = 1
 
 
 def disk_cache_path(cache_dir: str, builder, split: str, config: Config,
-                    input_context: Optional[tf.distribute.InputContext] = None) -> str:
-  """The file prefix of one input pipeline's disk cache under `cache_dir`.
+                    input_context: Optional[tf.distribute.InputContext] = None,
+                    image_shape: Optional[tuple] = None) -> str:
+  """The file prefix of one input pipeline's disk cache under `cache_dir`
+  (image_shape: the uint8 decodes it holds, device_decode_shape; None: images
+  resized on the host).
 
   tf.data's file cache reads whatever a finished file holds, so the name keys
   everything resize_example depends on (dataset build, split, size, depth
@@ -325,6 +403,8 @@ def disk_cache_path(cache_dir: str, builder, split: str, config: Config,
          "max_depth": config.max_depth, "min_confidence": config.min_confidence,
          "depth_resize": config.depth_resize, "shard": [pipeline_id, pipelines],
          "format": DISK_CACHE_FORMAT}
+  if image_shape:  # a different layout: decoded uint8 images (older keys unchanged)
+    key["decoded_image"] = list(image_shape)
   digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   height, width = config.image_size
   name = builder.info.full_name.split("/")
@@ -335,10 +415,13 @@ def disk_cache_path(cache_dir: str, builder, split: str, config: Config,
   return prefix
 
 
-def _cached_bytes(builder, split: str, config: Config) -> int:
-  """Memory the resized split takes: float32 RGB + depth at the training size."""
+def _cached_bytes(builder, split: str, config: Config,
+                  image_shape: Optional[tuple] = None) -> int:
+  """Memory the cached split takes: float32 depth at the training size, with
+  float32 RGB at that size or (image_shape (h, w)) uint8 RGB decodes."""
   height, width = config.image_size
-  return datasets.num_examples(builder, split) * height * width * 4 * 4
+  image = 3 * (image_shape[0] * image_shape[1] if image_shape else height * width * 4)
+  return datasets.num_examples(builder, split) * (image + height * width * 4)
 
 
 def eval_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
