@@ -343,8 +343,8 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
     ds = ds.map(lambda ex: resize_example(ex, config, config.min_confidence),
                 num_parallel_calls=AUTOTUNE)
   # Decoding and resizing are the same every epoch: keep their output (float32
-  # image [H,W,3] + depth [H,W,1] per example) and redo only augmentation and
-  # targets per epoch. On disk when asked (tf.data's file cache: written during
+  # image [H,W,3], or its uint8 decode [h,w,3], + depth [H,W,1] per example)
+  # and redo only augmentation and targets per epoch. On disk when asked (tf.data's file cache: written during
   # the first epoch, read by later epochs and by later runs; a first epoch cut
   # short is discarded, not read), and in memory when the split fits at the
   # training size (after the file cache, so later epochs do not read the disk).
