@@ -201,8 +201,8 @@ def test_beam_two_workers_build_from_gs_to_gs(tmp_path, gs_captures, tf_gcs_env,
   """What a Dataflow build does, on 2 local worker processes (FnApiRunner
   multi_processing, TFDS' default writer): nothing local, the manual folder
   and the data_dir both on gs://, read and written by the workers through
-  TF's client. The files the
-  build left in the bucket, downloaded, load as the local in-process build."""
+  TF's client. The files the build left in the bucket, downloaded, load as
+  the local in-process build."""
   data_dir = f"{gs_captures}/tfds"
   result = _tfds_build("pairs", f"{gs_captures}/pairs", data_dir, tf_gcs_env,
                        ",".join(f.lstrip("-") for f in beam_build.local_runner_flags(2)))

@@ -269,9 +269,10 @@ def first_pass_rounds(config: Config, builder, files, rounds: int, steady_batche
   step applies it and makes the mask and the target)."""
   all_cores, single, pil, on_device = [], [], [], []
   # The host's share when the augmentation runs in the train step (what
-  # --augment_on=auto does with a GPU or TPU): decode, depth resize, draws; the step
-  # resizes the image, makes the mask and the Sobel target. The other runs augment on the host,
-  # whatever this machine has.
+  # --augment_on=auto does with a GPU or TPU): decode, depth resize, draws; the
+  # step resizes the image (where device_decode_shape allows), makes the mask
+  # and the Sobel target. The other runs augment on the host, whatever this
+  # machine has.
   device_config = dataclasses.replace(config, augment_on="device")
   config = dataclasses.replace(config, augment_on="host")
   for index in range(rounds):

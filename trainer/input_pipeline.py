@@ -241,11 +241,12 @@ def device_decode_shape(config: Config, builder: tfds.core.DatasetBuilder,
 
   The step gets whole batches, so every image must decode to one shape: the
   split's statistics (info.metadata["stats"], written by the record3d
-  builder) must list one image size, and the first example's bytes say
-  whether it is a JPEG (decoded at reduced scale with --jpeg_reduced_decode)
-  or not (decoded in full). The memory cache then holds uint8 decodes
-  instead of float32 images at the training size: when that would no longer
-  fit CACHE_LIMIT_BYTES where the resized split does, the host resizes.
+  builder) must list one image size, and the first example, decoded as
+  decoded_example decodes them all (decode_image: a JPEG at reduced scale
+  with --jpeg_reduced_decode), gives the shape. The memory cache then holds
+  uint8 decodes instead of float32 images at the training size: when that
+  would no longer fit CACHE_LIMIT_BYTES where the resized split does, the
+  host resizes.
   """
   if tf.config.list_logical_devices("TPU"):
     # Never run on a TPU here; TPU infeed has refused uint8 tensors, so the
@@ -259,11 +260,9 @@ def device_decode_shape(config: Config, builder: tfds.core.DatasetBuilder,
     logging.info("image resize on the host: the %s split's statistics list %s image sizes "
                  "(the train step needs one)", split, len(sizes) or "no")
     return None
-  source = tuple(int(v) for v in sizes[0])
   first = next(iter(read_split(builder, split, shuffle_files=False, features=("image",))))
-  is_jpeg = first["image"].numpy()[:3] == _JPEG_MAGIC
-  ratio = jpeg_ratio(source, config.image_size) if is_jpeg and config.jpeg_reduced_decode else 1
-  shape = tuple(-(-s // ratio) for s in source)
+  shape = tuple(decode_image(first["image"], config.image_size,
+                             reduced=config.jpeg_reduced_decode).shape[:2])
   decoded = _cached_bytes(builder, split, config, image_shape=shape)
   resized = _cached_bytes(builder, split, config)
   if decoded >= CACHE_LIMIT_BYTES > resized:
@@ -272,8 +271,8 @@ def device_decode_shape(config: Config, builder: tfds.core.DatasetBuilder,
                  decoded / 1e9, CACHE_LIMIT_BYTES / 1e9, resized / 1e9)
     return None
   logging.info("image resize in the train step: the host decodes the %s split's %dx%d images "
-               "(%s, 1/%d scale) to %dx%d uint8; the step resizes them to %dx%d", split, *source,
-               "JPEG" if is_jpeg else "not JPEG", ratio, *shape, *config.image_size)
+               "to %dx%d uint8; the step resizes them to %dx%d", split, *sizes[0], *shape,
+               *config.image_size)
   return shape
 
 
@@ -344,10 +343,11 @@ def train_dataset(config: Config, stage: str, builder: tfds.core.DatasetBuilder,
                 num_parallel_calls=AUTOTUNE)
   # Decoding and resizing are the same every epoch: keep their output (float32
   # image [H,W,3], or its uint8 decode [h,w,3], + depth [H,W,1] per example)
-  # and redo only augmentation and targets per epoch. On disk when asked (tf.data's file cache: written during
-  # the first epoch, read by later epochs and by later runs; a first epoch cut
-  # short is discarded, not read), and in memory when the split fits at the
-  # training size (after the file cache, so later epochs do not read the disk).
+  # and redo only augmentation and targets per epoch. On disk when asked
+  # (tf.data's file cache: written during the first epoch, read by later epochs
+  # and by later runs; a first epoch cut short is discarded, not read), and in
+  # memory when the split fits (after the file cache, so later epochs do not
+  # read the disk).
   if cache_dir:
     ds = ds.cache(disk_cache_path(cache_dir, builder, split, config, input_context,
                                   image_shape=shape))
