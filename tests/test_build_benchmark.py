@@ -55,6 +55,16 @@ def test_build_benchmark_reports_every_figure(tmp_path):
               "Medians over 2 rounds, frames/s: in_process ", "Builds that lost frames: 0 of 4.",
               "Launcher check"):
     assert row in proc.stdout, (row, proc.stdout)
+  # Where the Beam builds' time went: the runner's stages, seen in this run.
+  assert result["builds"][0]["phases"] == []  # in process: no runner
+  for build in result["builds"][1::2]:
+    names = [p["phase"] for p in build["phases"]]
+    assert names[:2] == [build_benchmark.STARTUP, build_benchmark.FIRST], names
+    assert {"read + encode frames", "serialize, group by shard", "write shards",
+            build_benchmark.LAST} <= set(names), names
+    assert sum(p["seconds"] for p in build["phases"]) == pytest.approx(build["seconds"])
+    assert all(p["worker_cores"] == 0 for p in build["phases"])  # beam_memory: no workers
+  assert "| beam_memory_unordered (round 1) | read + encode frames |" in proc.stdout
   medians = build_benchmark.median_rates(result["builds"])
   assert medians["in_process"] == pytest.approx(
       (result["builds"][0]["frames_per_s"] + result["builds"][2]["frames_per_s"]) / 2)
@@ -101,3 +111,20 @@ def test_a_build_that_lost_frames_is_reported_not_hidden():
                                         "check": {"seconds": 1.0, "frames_per_s": 40.0}})
   assert "| beam_2 | LOST frames of 40 |" in table
   assert "beam_2: record3d/r3d: ... (train: 30 written of 40)" in table
+
+
+def test_phases_split_the_build_at_the_stages_and_count_their_cpu():
+  # Stages start at t=1, 3, 6, 7 of a build from 0 to 10; the launcher uses 1
+  # core throughout, the workers 2 cores from t=3 to 6 and nothing otherwise.
+  timeline = [(t, float(t), 2.0 * min(max(t - 3, 0), 3)) for t in range(11)]
+  starts = [(1.0, "((test-Create-Impulse))"), (3.0, "(train-ReadFrames)+(train_write-Encode)"),
+            (6.0, "(train_write-Serialize)"), (7.0, "(FinalizeWrite)")]
+  rows = {p["phase"]: p for p in build_benchmark.phases(starts, timeline, 0.0, 10.0)}
+  assert list(rows) == [build_benchmark.STARTUP, build_benchmark.FIRST, "read + encode frames",
+                        "serialize, group by shard", build_benchmark.LAST]
+  assert [rows[k]["seconds"] for k in rows] == [1.0, 2.0, 3.0, 1.0, 3.0]
+  assert rows["read + encode frames"]["worker_cores"] == pytest.approx(2.0)
+  assert rows["serialize, group by shard"]["worker_cores"] == pytest.approx(0.0)
+  assert all(p["launcher_cores"] == pytest.approx(1.0) for p in rows.values())
+  assert build_benchmark.phase_of("(x_write-Write-WriteImpl-WriteBundles_46)") == "write shards"
+  assert build_benchmark.phase_of("(train-ListFrames_15)") == build_benchmark.OTHER

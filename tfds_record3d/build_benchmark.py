@@ -29,7 +29,11 @@ child process (the Beam workers), sampled with psutil
 every 0.2 s: CPU ms per frame and cores busy. From the CPU cost it also gives
 the frames/s this machine's cores could reach at best (nproc / CPU per frame),
 which says whether a ratio such as "2 workers >= 1.6x one" is possible here
-at all.
+at all. For Beam modes, where the time goes: Beam's local runner runs the
+pipeline's fused stages one after another and logs each (DEBUG); their start
+times and the CPU samples give each phase's wall seconds and the cores the
+launcher (the runner: every element between stages passes through it) and
+the workers kept busy in it (PHASES).
 
 The frames are `--distinct_frames` rendered ones (tfds_record3d.synthetic at
 the real size, ~1 s each), cycled: every frame of every capture is written,
@@ -40,6 +44,7 @@ of distinct captures (JPEG bytes are stored as they are, depth is compressed).
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import shutil
 import statistics
@@ -47,6 +52,7 @@ import tempfile
 import threading
 import time
 
+import numpy as np
 import psutil
 import tensorflow_datasets as tfds
 import tqdm
@@ -123,7 +129,9 @@ class TreeCpu:
   """CPU seconds used by this process and every descendant while it runs.
 
   Children are sampled every SAMPLE_SECONDS (the last sample of a worker that
-  exits is kept), this process is read exactly at start and stop.
+  exits is kept), this process is read exactly at start and stop. `timeline`
+  holds every sample: (perf_counter, own CPU s, children's CPU s), both
+  counted from the start.
   """
 
   def __init__(self):
@@ -131,6 +139,14 @@ class TreeCpu:
     self._children = {}
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._sample, daemon=True)
+    self.timeline = []
+
+  def _own(self) -> float:
+    times = self._me.cpu_times()
+    return times.user + times.system - self._own_start
+
+  def _children_total(self) -> float:
+    return sum(cpu for pid, cpu in self._children.items() if pid not in self._existing)
 
   def _sample(self):
     while not self._stop.is_set():
@@ -140,23 +156,93 @@ class TreeCpu:
           self._children[child.pid] = times.user + times.system
         except psutil.Error:  # exited between listing and reading
           pass
+      self.timeline.append((time.perf_counter(), self._own(), self._children_total()))
       self._stop.wait(SAMPLE_SECONDS)
 
   def __enter__(self):
     times = self._me.cpu_times()
     self._own_start = times.user + times.system
     self._existing = {c.pid for c in self._me.children(recursive=True)}
+    self.timeline.append((time.perf_counter(), 0.0, 0.0))
     self._thread.start()
     return self
 
   def __exit__(self, *exc):
     self._stop.set()
     self._thread.join()
-    times = self._me.cpu_times()
-    self.own_seconds = times.user + times.system - self._own_start
-    self.children_seconds = sum(cpu for pid, cpu in self._children.items()
-                                if pid not in self._existing)
+    self.own_seconds = self._own()
+    self.children_seconds = self._children_total()
+    self.timeline.append((time.perf_counter(), self.own_seconds, self.children_seconds))
     self.worker_processes = len(set(self._children) - self._existing)
+
+
+# ----------------------------------------------------------------------------
+# Where a Beam build's time goes: the runner's stages.
+# ----------------------------------------------------------------------------
+# Beam's FnApiRunner logs (at DEBUG) every bundle it starts, with its fused
+# stage's name: the labels of the transforms fused into it.
+BUNDLE_LOGGER = "apache_beam.runners.portability.fn_api_runner.fn_runner.run_bundle"
+# A stage's phase: the first of these labels it holds (beam_build.split_transform's
+# and TFDS' writers'), else "other stages". With the unordered writer the
+# frames' stage ends in the writer's Reshuffle, the next one serializes and
+# groups by shard, the next writes; with the default writer the frames' stage
+# also serializes, and the shards are grouped and written after it.
+PHASES = (("ReadFrames", "read + encode frames"), ("Serialize", "serialize, group by shard"),
+          ("WriteBundles", "write shards"), ("GroupShards", "group + write shards"))
+STARTUP = "pipeline set-up (before the first stage)"
+FIRST = "first stage (the worker processes start)"  # a tiny Create: its time is the start
+LAST = "last stage, then TFDS' split info"
+OTHER = "other stages"
+
+
+def phase_of(stage_name: str) -> str:
+  return next((phase for label, phase in PHASES if label in stage_name), OTHER)
+
+
+class StageLog(std_logging.Handler):
+  """Collects (perf_counter, stage name) of every bundle the runner starts."""
+
+  def __init__(self):
+    super().__init__(std_logging.DEBUG)
+    self.starts = []
+
+  def emit(self, record):
+    if record.msg.startswith("Running bundle for stage"):
+      self.starts.append((time.perf_counter(), str(record.args[0])))
+
+  def __enter__(self):
+    self._logger = std_logging.getLogger(BUNDLE_LOGGER)
+    self._saved = (self._logger.level, self._logger.propagate)
+    self._logger.setLevel(std_logging.DEBUG)
+    self._logger.propagate = False  # its DEBUG lines stay out of the log
+    self._logger.addHandler(self)
+    return self
+
+  def __exit__(self, *exc):
+    self._logger.removeHandler(self)
+    self._logger.setLevel(self._saved[0])
+    self._logger.propagate = self._saved[1]
+
+
+def phases(starts, timeline, start: float, stop: float) -> list:
+  """[{phase, seconds, launcher_cores, worker_cores}] in order of first
+  appearance: each stage lasts until the next one starts (the last until the
+  build returns), CPU from the samples (linear between them)."""
+  times, own, children = (np.array(column) for column in zip(*timeline))
+  cpu = lambda column, t: float(np.interp(t, times, column))
+  named = [(t, FIRST if i == 0 else LAST if i == len(starts) - 1 else phase_of(name))
+           for i, (t, name) in enumerate(starts)]
+  edges = [(start, STARTUP)] + named + [(stop, None)]
+  totals = {}
+  for (begin, phase), (end, _) in zip(edges, edges[1:]):
+    row = totals.setdefault(phase, [0.0, 0.0, 0.0])
+    row[0] += end - begin
+    row[1] += cpu(own, end) - cpu(own, begin)
+    row[2] += cpu(children, end) - cpu(children, begin)
+  return [{"phase": phase, "seconds": seconds,
+           "launcher_cores": own_cpu / seconds if seconds else 0.0,
+           "worker_cores": workers / seconds if seconds else 0.0}
+          for phase, (seconds, own_cpu, workers) in totals.items()]
 
 
 # ----------------------------------------------------------------------------
@@ -177,14 +263,15 @@ def time_build(mode: str, manual_dir: epath.Path, data_dir: epath.Path, frames: 
       beam_options=PipelineOptions(flags=options) if options else None,
       nondeterministic_order=unordered(mode), num_shards=num_shards if unordered(mode) else None)
   lost = None
-  with TreeCpu() as cpu:
+  with TreeCpu() as cpu, StageLog() as stages:
     start = time.perf_counter()
     try:
       builder.download_and_prepare(download_config=config)
     except record3d_builder.LostExamplesError as e:  # a result to report, not a crash
       lost = str(e)
       logging.warning("%s: %s", mode, lost)
-    seconds = time.perf_counter() - start
+    stop = time.perf_counter()
+  seconds = stop - start
   # A build that lost frames is not kept: its rate counts the frames it was given.
   written = frames if lost else sum(split.num_examples for split in builder.info.splits.values())
   cpu_seconds = cpu.own_seconds + cpu.children_seconds
@@ -197,7 +284,8 @@ def time_build(mode: str, manual_dir: epath.Path, data_dir: epath.Path, frames: 
           "worker_processes": cpu.worker_processes,
           "cpu_ms_per_frame": 1000.0 * cpu_seconds / written,
           "cores_busy": cpu_seconds / seconds,
-          "frames_per_s_bound": nproc * written / cpu_seconds}
+          "frames_per_s_bound": nproc * written / cpu_seconds,
+          "phases": phases(stages.starts, cpu.timeline, start, stop) if options else []}
 
 
 def check_folder(manual_dir: epath.Path, frames: int) -> dict:
@@ -250,10 +338,28 @@ def format_table(result: dict) -> str:
   lines.extend(f"{b['mode']}: {b['lost']}" for b in lost)
   lines.append(f"Builds that lost frames: {len(lost)} of {len(result['builds'])}"
                + (" (" + ", ".join(sorted({b['mode'] for b in lost})) + ")" if lost else "") + ".")
+  lines.extend(format_phases(result["builds"], rounds))
   check = result["check"]
   lines.append(f"Launcher check (every file decoded, before any build writes): "
                f"{check['seconds']:.1f} s, {check['frames_per_s']:.1f} frames/s.")
   return "\n".join(lines)
+
+
+def format_phases(builds, rounds: int) -> list:
+  """Lines of the Beam builds' phases table (none without a Beam build)."""
+  rows = [(b, p) for b in builds for p in b.get("phases", [])]
+  if not rows:
+    return []
+  lines = ["", "Where the Beam builds' time goes (the runner's stages, in order; cores "
+           "busy in each, of the launcher and of the worker processes):",
+           "| build | phase | s | of the build | launcher cores | worker cores |",
+           "|---|---|---|---|---|---|"]
+  for build, phase in rows:
+    name = build["mode"] + (f" (round {build['round']})" if rounds > 1 else "")
+    lines.append(f"| {name} | {phase['phase']} | {phase['seconds']:.1f} | "
+                 f"{100 * phase['seconds'] / build['seconds']:.0f}% | "
+                 f"{phase['launcher_cores']:.2f} | {phase['worker_cores']:.2f} |")
+  return lines + [""]
 
 
 def define_flags() -> None:
